@@ -1,0 +1,158 @@
+"""Losses for semantic segmentation: cross-entropy, focal, dice, their weighted sums from a spec string, and class
+weights from pixel counts. Every loss is computed in fp32 (safe under fp16/bf16 autocast) and skips ignore_index.
+
+    build_loss("ce:0.75,dice:0.25", num_classes=11)     # weighted sum
+    build_loss("focal+dice", num_classes=11)            # equal weights
+    class_weights(pixel_counts, "log")                  # --class-weights inverse|log|median
+"""
+import argparse
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+WEIGHT_METHODS = ("inverse", "log", "median")
+
+
+class CrossEntropyLoss(nn.Module):
+    def __init__(self, weight=None, ignore_index=IGNORE_INDEX):
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        if not (target != self.ignore_index).any():
+            return logits.float().sum() * 0.0  # nothing to learn from; keep the graph for DDP
+        return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class softmax focal loss, -alpha_t (1 - p_t)^gamma log p_t (Lin et al. 2017), averaged like
+    weighted cross-entropy (divided by the summed alpha of valid pixels), so gamma=0 equals CrossEntropyLoss with
+    the same class weights."""
+
+    def __init__(self, gamma=2.0, alpha=None, ignore_index=IGNORE_INDEX):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("alpha", None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32))
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        valid = target != self.ignore_index
+        safe_target = torch.where(valid, target, 0).unsqueeze(1)
+        log_pt = F.log_softmax(logits.float(), dim=1).gather(1, safe_target).squeeze(1)
+        loss = -((1.0 - log_pt.exp()).clamp(min=0) ** self.gamma) * log_pt
+        weight = valid.float() if self.alpha is None else self.alpha[safe_target.squeeze(1)] * valid
+        return (loss * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+class DiceLoss(nn.Module):
+    """Soft multi-class dice on softmax probabilities over the whole batch: 1 - mean_c (2 I_c + s) / (P_c + G_c + s).
+    Rule for absent classes: the mean runs over the classes present in the target or in the argmax prediction;
+    a class absent from both contributes nothing (it would add a free ~0 loss term and dilute the rest), while a
+    class predicted but absent from the target still counts, so false positives are punished."""
+
+    def __init__(self, smooth=1.0, ignore_index=IGNORE_INDEX):
+        super().__init__()
+        self.smooth = smooth
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, target):
+        num_classes = logits.shape[1]
+        valid = (target != self.ignore_index).unsqueeze(1)
+        probs = F.softmax(logits.float(), dim=1) * valid
+        onehot = F.one_hot(torch.where(valid.squeeze(1), target, 0), num_classes).permute(0, 3, 1, 2) * valid
+        dims = (0, 2, 3)
+        intersection = (probs * onehot).sum(dims)
+        pred_sum, target_sum = probs.sum(dims), onehot.sum(dims).float()
+        dice = (2 * intersection + self.smooth) / (pred_sum + target_sum + self.smooth)
+        predicted = F.one_hot(logits.argmax(1), num_classes).permute(0, 3, 1, 2).mul(valid).sum(dims) > 0
+        counted = (target_sum > 0) | predicted
+        if not counted.any():
+            return logits.float().sum() * 0.0
+        return (1.0 - dice)[counted].mean()
+
+
+class CombinedLoss(nn.Module):
+    """Weighted sum of named losses; forward returns the total, `parts` holds each term of the last call."""
+
+    def __init__(self, terms):
+        super().__init__()
+        self.names = [name for name, _, _ in terms]
+        self.weights = [w for _, w, _ in terms]
+        self.losses = nn.ModuleList(loss for _, _, loss in terms)
+        self.parts = {}
+
+    def forward(self, logits, target):
+        total = 0.0
+        for name, w, loss in zip(self.names, self.weights, self.losses):
+            value = loss(logits, target)
+            self.parts[name] = float(value.detach())
+            total = total + w * value
+        return total
+
+
+def parse_loss_spec(spec):
+    """'ce:0.75,dice:0.25' or 'focal+dice' -> [('ce', 0.75), ('dice', 0.25)] / [('focal', 1.0), ('dice', 1.0)]."""
+    terms = []
+    for part in spec.replace("+", ",").split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in ("ce", "focal", "dice"):
+            raise ValueError(f"unknown loss '{name}' in '{spec}' (known: ce, focal, dice)")
+        try:
+            terms.append((name, float(weight) if weight else 1.0))
+        except ValueError:
+            raise ValueError(f"loss weight '{weight}' in '{spec}' is not a number") from None
+    return terms
+
+
+def build_loss(spec="ce", class_weight=None, focal_gamma=2.0, ignore_index=IGNORE_INDEX):
+    """Loss from a spec string; class_weight (per class) goes to cross-entropy and to focal's alpha."""
+    made = {"ce": lambda: CrossEntropyLoss(class_weight, ignore_index),
+            "focal": lambda: FocalLoss(focal_gamma, class_weight, ignore_index),
+            "dice": lambda: DiceLoss(ignore_index=ignore_index)}
+    return CombinedLoss([(name, w, made[name]()) for name, w in parse_loss_spec(spec)])
+
+
+def class_weights(counts, method):
+    """Per-class loss weights from pixel counts, normalised to mean 1 over the classes.
+    counts: (C,) totals, or (num_images, C) per image (median then uses each class's frequency over the images
+    that hold it, as Eigen & Fergus define it).
+      inverse: 1 / f_c;  log: 1 / ln(1.02 + f_c) (ENet);  median: median(f) / f_c.
+    A class with no pixels gets the largest weight among the present classes: finite, and harmless, since it never
+    occurs as a target. No pixels at all gives all ones."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(0) if counts.ndim == 2 else counts
+    present = totals > 0
+    if not present.any():
+        return torch.ones(len(totals))
+    if method == "median" and counts.ndim == 2:
+        image_pixels = counts.sum(1, keepdims=True)
+        freq = totals / np.maximum(((counts > 0) * image_pixels).sum(0), 1)
+    else:
+        freq = totals / totals.sum()
+    raw = np.zeros_like(freq)
+    if method == "inverse":
+        raw[present] = 1.0 / freq[present]
+    elif method == "log":
+        raw[present] = 1.0 / np.log(1.02 + freq[present])
+    elif method == "median":
+        raw[present] = np.median(freq[present]) / freq[present]
+    else:
+        raise ValueError(f"unknown class-weight method '{method}' (choose from {', '.join(WEIGHT_METHODS)})")
+    raw[~present] = raw[present].max()
+    return torch.tensor(raw / raw.mean(), dtype=torch.float32)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Print class weights for pixel counts, e.g. --counts 900 90 9 0")
+    p.add_argument("--counts", type=float, nargs="+", required=True)
+    args = p.parse_args()
+    for m in WEIGHT_METHODS:
+        print(f"{m:>8}: " + " ".join(f"{w:.4f}" for w in class_weights(args.counts, m).tolist()))
+
+
+if __name__ == "__main__":
+    main()

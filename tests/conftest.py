@@ -1,0 +1,40 @@
+"""Shared helpers: the tests import the flat scripts from the repository root and write their own tiny data."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CATEGORIES = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}, {"id": 3, "name": "Battery"}]
+
+
+def square(x0, y0, x1, y1):
+    """A polygon (flat list) covering pixels x0..x1-1, y0..y1-1 when painted by pycocotools."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def write_set(root, images, annotations, categories=CATEGORIES, name="train_all.json", labeled=True):
+    """Write images (list of (file_name, width, height)) as flat grey JPEGs and a COCO JSON; returns its path."""
+    root = Path(root)
+    entries = []
+    for i, (file_name, w, h) in enumerate(images, start=1):
+        (root / file_name).parent.mkdir(parents=True, exist_ok=True)
+        if not (root / file_name).exists():
+            Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(root / file_name)
+        entries.append({"id": i, "file_name": file_name, "width": w, "height": h})
+    raw = {"images": entries, "categories": categories}
+    if labeled:
+        raw["annotations"] = [dict({"id": j, "iscrowd": 0}, **a) for j, a in enumerate(annotations, start=1)]
+    (root / name).write_text(json.dumps(raw))
+    return root / name
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """A small synthetic demo set made by data.py itself (12 labeled, 4 unlabeled images)."""
+    from data import make_demo
+    return make_demo(tmp_path_factory.mktemp("demo"), num_images=12, num_unlabeled=4, seed=1)

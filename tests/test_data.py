@@ -1,0 +1,261 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
+
+import data
+from conftest import CATEGORIES, square, write_set
+from data import DataError, MaskCache, SegmentationDataset, load_coco, paint_mask
+
+
+def test_class_list_is_background_plus_categories_in_id_order(tmp_path):
+    cats = [{"id": 7, "name": "Metal"}, {"id": 2, "name": "Paper"}]
+    write_set(tmp_path, [("a.jpg", 8, 8)], [], categories=cats)
+    assert load_coco(tmp_path, "train_all.json").class_names == ["Background", "Paper", "Metal"]
+
+
+def test_competition_classes_keep_their_colours():
+    colors = data.palette(["Background", "Clothing", "Sky"])
+    assert colors[1] == data.COMPETITION_COLORS[10]
+    assert colors[0] == (0, 0, 0)
+    assert colors[2] not in data.COMPETITION_COLORS
+
+
+def test_small_objects_lie_on_top_whatever_the_json_order(tmp_path):
+    anns = [{"image_id": 1, "category_id": 3, "segmentation": square(4, 4, 8, 8), "area": 16},   # small first
+            {"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 16, 16), "area": 256}]
+    write_set(tmp_path, [("a.jpg", 16, 16)], anns)
+    coco = load_coco(tmp_path, "train_all.json")
+    mask = paint_mask(coco.images[0], coco.annotations(coco.images[0]), coco.cat_to_class)
+    assert mask.dtype == np.uint8 and mask.shape == (16, 16)
+    assert (mask[4:8, 4:8] == 3).all()
+    assert (mask[0:4, :] == 1).all() and (mask[8:, :] == 1).all()
+
+
+def test_rle_compressed_and_uncompressed_iscrowd(tmp_path):
+    bitmap = np.zeros((10, 12), np.uint8)
+    bitmap[2:5, 3:9] = 1
+    compressed = mask_utils.encode(np.asfortranarray(bitmap))
+    other = np.zeros((10, 12), np.uint8)
+    other[6:9, 0:4] = 1
+    anns = [{"image_id": 1, "category_id": 2, "area": 18,
+             "segmentation": {"size": [10, 12], "counts": compressed["counts"].decode()}},
+            {"image_id": 1, "category_id": 1, "area": 12, "iscrowd": 1,
+             "segmentation": data._uncompressed_rle(other.astype(bool))}]
+    write_set(tmp_path, [("a.jpg", 12, 10)], anns)
+    coco = load_coco(tmp_path, "train_all.json")
+    mask = paint_mask(coco.images[0], coco.annotations(coco.images[0]), coco.cat_to_class)
+    expected = bitmap * 2 + other * 1
+    assert np.array_equal(mask, expected)
+
+
+def test_other_jsons_map_categories_by_name(tmp_path):
+    write_set(tmp_path, [("a.jpg", 8, 8)], [])
+    train = load_coco(tmp_path, "train_all.json")
+    renumbered = [{"id": 30, "name": "Battery"}, {"id": 10, "name": "Paper"}]
+    write_set(tmp_path, [("a.jpg", 8, 8)], [{"image_id": 1, "category_id": 30, "segmentation": square(0, 0, 4, 4),
+                                             "area": 16}], categories=renumbered, name="val.json")
+    val = load_coco(tmp_path, "val.json", class_names=train.class_names)
+    assert val.cat_to_class == {30: 3, 10: 1}
+
+
+def test_unknown_category_name_lists_known_names(tmp_path):
+    write_set(tmp_path, [("a.jpg", 8, 8)], [])
+    train = load_coco(tmp_path, "train_all.json")
+    write_set(tmp_path, [("a.jpg", 8, 8)], [], categories=[{"id": 1, "name": "Cardboard"}], name="val.json")
+    with pytest.raises(DataError, match=r"val\.json.*'Cardboard'.*Background, Paper, Metal, Battery"):
+        load_coco(tmp_path, "val.json", class_names=train.class_names)
+
+
+def _bad_case(tmp_path, case):
+    images = [("a.jpg", 8, 8), ("b.jpg", 8, 8)]
+    anns = [{"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 4, 4), "area": 16}]
+    path = write_set(tmp_path, images, anns)
+    raw = json.loads(path.read_text())
+    if case == "missing image":
+        (tmp_path / "b.jpg").unlink()
+    elif case == "undecodable image":
+        (tmp_path / "b.jpg").write_bytes(b"this is not a jpeg")
+    elif case == "size mismatch":
+        raw["images"][1]["width"] = 9
+    elif case == "short polygon":
+        raw["annotations"].append({"id": 9, "image_id": 2, "category_id": 1, "segmentation": [[0, 0, 3, 3]]})
+    elif case == "unknown image id":
+        raw["annotations"].append({"id": 9, "image_id": 42, "category_id": 1, "segmentation": square(0, 0, 2, 2)})
+    elif case == "duplicate image id":
+        raw["images"].append({"id": 2, "file_name": "a.jpg", "width": 8, "height": 8})
+    path.write_text(json.dumps(raw))
+    return path
+
+
+BAD_CASES = {"missing image": r"b\.jpg.*not found", "undecodable image": r"b\.jpg.*cannot be read",
+             "size mismatch": r"b\.jpg.*8x8 but the JSON says 9x8", "short polygon": r"annotation 9.*fewer than 3",
+             "unknown image id": r"annotation 9.*unknown image id 42", "duplicate image id": r"duplicate image id 2"}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_a_clear_error_or_skipped(tmp_path, case):
+    path = _bad_case(tmp_path, case)
+    with pytest.raises(DataError, match=BAD_CASES[case]) as info:
+        load_coco(tmp_path, "train_all.json")
+    assert str(path) in str(info.value)
+    with pytest.warns(UserWarning, match="skipping 1 bad entries"):
+        coco = load_coco(tmp_path, "train_all.json", skip_bad=True)
+    assert len(coco.images) == (1 if case in ("missing image", "undecodable image", "size mismatch") else 2)
+
+
+def test_missing_and_broken_json_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        load_coco(tmp_path, "nope.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DataError, match="broken.json: not valid JSON"):
+        load_coco(tmp_path, "broken.json")
+
+
+def test_image_broken_after_loading_names_the_file_mid_epoch(tmp_path):
+    write_set(tmp_path, [("a.jpg", 8, 8)], [])
+    coco = load_coco(tmp_path, "train_all.json")
+    (tmp_path / "a.jpg").write_bytes(b"truncated")
+    with pytest.raises(DataError, match=r"a\.jpg cannot be decoded"):
+        SegmentationDataset(coco, img_size=8)[0]
+
+
+def test_dataset_items_and_non_square_images_batch(demo_dir):
+    coco = load_coco(demo_dir, "train_all.json")
+    assert len({(i["width"], i["height"]) for i in coco.images}) > 1
+    ds = SegmentationDataset(coco, img_size=64, aug="basic")
+    image, mask, meta = ds[0]
+    assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
+    assert mask.dtype == torch.int64 and mask.shape == (64, 64)
+    assert set(meta) == {"file_name", "image_id", "height", "width"}
+    images, masks, metas = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert images.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64)
+    assert len(set(zip(metas["width"].tolist(), metas["height"].tolist()))) > 1
+
+    test = SegmentationDataset(load_coco(demo_dir, "test.json", class_names=coco.class_names), img_size=64)
+    image, meta = test[0]
+    assert image.shape == (3, 64, 64) and meta["file_name"].startswith("test_images/")
+
+
+@pytest.mark.parametrize("preset", ["basic", "strong"])
+def test_augmentation_keeps_image_and_mask_aligned(preset):
+    # the image encodes the class of each pixel in its red channel: any misalignment shows as disagreement
+    torch.manual_seed(0)
+    mask = torch.zeros(96, 128, dtype=torch.uint8)
+    mask[10:50, 20:70] = 1
+    mask[40:90, 60:120] = 2
+    mask[0:30, 90:128] = 3
+    image = torch.zeros(3, 96, 128, dtype=torch.uint8)
+    image[0] = mask * 80
+    transform = data.build_transform(preset, 64)
+    for _ in range(20):
+        out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert out_mask.shape == (64, 64) and out_mask.dtype == torch.uint8
+        assert set(out_mask.unique().tolist()) <= {0, 1, 2, 3}
+        if preset == "basic":  # photometric changes in 'strong' blur the code, geometry is what is checked
+            decoded = (out_image[0].float() / 80).round()
+            assert (decoded == out_mask.float()).float().mean() > 0.9
+
+
+def test_explicit_flip_and_crop_move_image_and_mask_together():
+    from torchvision.transforms import v2
+    mask = torch.zeros(8, 8, dtype=torch.uint8)
+    mask[0, 0] = 1  # a marked corner pixel
+    image = (mask * 200).expand(3, 8, 8).clone()
+    ops = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.RandomVerticalFlip(p=1.0), data.RandomRot90()])
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_image, out_mask = ops(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert torch.equal(out_image[0] == 200, out_mask == 1)
+    torch.manual_seed(0)
+    out_image, out_mask = v2.RandomCrop(4)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    assert torch.equal(out_image[0] == 200, out_mask == 1)
+
+
+def test_random_erasing_touches_the_image_only(demo_dir):
+    from torchvision.transforms import v2
+    ds = SegmentationDataset(load_coco(demo_dir, "train_all.json"), img_size=64, aug="strong")
+    assert ds.erase is not None
+    ds.erase = v2.RandomErasing(p=1.0, scale=(0.3, 0.3), value=0)
+    torch.manual_seed(3)
+    erased_image, erased_mask, _ = ds[0]
+    ds.erase = None
+    torch.manual_seed(3)
+    image, mask, _ = ds[0]
+    assert torch.equal(erased_mask, mask)
+    assert (erased_image != image).any(dim=0).float().mean() > 0.2
+
+
+def test_mask_cache_decodes_once_and_follows_changes(tmp_path, monkeypatch):
+    anns = [{"image_id": 1, "category_id": 2, "segmentation": square(1, 1, 5, 5), "area": 16}]
+    write_set(tmp_path, [("a.jpg", 8, 8)], anns)
+    coco = load_coco(tmp_path, "train_all.json")
+    img = coco.images[0]
+    cache = MaskCache(tmp_path / "cache")
+    first = cache.get(img, coco.annotations(img), coco.cat_to_class)
+    monkeypatch.setattr(data, "paint_mask", lambda *a: pytest.fail("painted again despite the cache"))
+    assert np.array_equal(cache.get(img, coco.annotations(img), coco.cat_to_class), first)
+    changed = [dict(anns[0], segmentation=square(2, 2, 6, 6))]
+    assert cache.key(img, changed, coco.cat_to_class) != cache.key(img, coco.annotations(img), coco.cat_to_class)
+    assert cache.key(img, coco.annotations(img), {2: 1}) != cache.key(img, coco.annotations(img), coco.cat_to_class)
+
+
+def test_dataset_with_cache_equals_without(demo_dir, tmp_path):
+    coco = load_coco(demo_dir, "train_all.json")
+    plain = SegmentationDataset(coco, img_size=64)
+    cached = SegmentationDataset(coco, img_size=64, mask_cache=tmp_path / "c")
+    for i in range(3):
+        cached[i]
+        assert torch.equal(plain[i][1], cached[i][1])
+    assert len(list((tmp_path / "c").rglob("*.png"))) == 3
+
+
+def test_copy_paste_adds_rare_class_pixels(tmp_path):
+    # image 1 holds a Battery (the rarest class); image 2 has none
+    anns = [{"image_id": 1, "category_id": 3, "segmentation": square(2, 2, 8, 8), "area": 36},
+            {"image_id": 1, "category_id": 1, "segmentation": square(10, 10, 30, 30), "area": 400},
+            {"image_id": 2, "category_id": 2, "segmentation": square(0, 0, 20, 20), "area": 400},
+            {"image_id": 2, "category_id": 1, "segmentation": square(20, 20, 32, 32), "area": 144}]
+    write_set(tmp_path, [("a.jpg", 32, 32), ("b.jpg", 32, 32)], anns)
+    coco = load_coco(tmp_path, "train_all.json")
+    assert [coco.class_names[c] for c in data.CopyPaste(coco).classes] == ["Battery", "Metal"]  # 2 rarest
+    paste = data.CopyPaste(coco, classes=["Battery"], prob=1.0, max_objects=1)
+    ds = SegmentationDataset(coco, img_size=32, copy_paste=paste)
+    image, mask = ds.load(1)
+    pasted_image, pasted_mask = paste(image, mask, ds.load)
+    assert (mask == 3).sum() == 0
+    assert 20 <= (pasted_mask == 3).sum() <= 64
+    assert set(pasted_mask.unique().tolist()) <= {0, 1, 2, 3}
+    image_out, mask_out, _ = ds[1]
+    assert (mask_out == 3).any()
+
+
+def test_demo_set_has_every_class_and_both_jsons(demo_dir):
+    coco = load_coco(demo_dir, "train_all.json")
+    assert coco.class_names == data.COMPETITION_CLASSES
+    present = set(np.flatnonzero(data.pixel_counts(coco).sum(0)))
+    assert present == set(range(11))
+    kinds = {type(a["segmentation"]).__name__ for anns in coco.anns_by_image.values() for a in anns}
+    assert kinds == {"list", "dict"}
+    test = load_coco(demo_dir, "test.json", class_names=coco.class_names)
+    assert not test.labeled and len(test) == 4
+
+
+def test_summary_and_overlays_from_the_command_line(demo_dir, tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "data.py", "--data-dir", str(demo_dir), "--vis", "2", "--output-dir",
+                          str(tmp_path / "vis"), "--mask-cache", "none"], capture_output=True, text=True,
+                         cwd=data.__file__.rsplit("/", 1)[0])
+    assert out.returncode == 0, out.stderr
+    assert "Clothing" in out.stdout and "log" in out.stdout
+    pngs = sorted((tmp_path / "vis").glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size[1] > 200
+    bad = subprocess.run([sys.executable, "data.py", "--data-dir", str(tmp_path), "--json", "missing.json"],
+                         capture_output=True, text=True, cwd=data.__file__.rsplit("/", 1)[0])
+    assert bad.returncode != 0 and "missing.json: file not found" in bad.stderr and "Traceback" not in bad.stderr
