@@ -1,0 +1,126 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import model as model_module
+from model import ModelError, build_model, load_weights
+
+CASES = [("deeplabv3plus", "resnet18", None), ("deeplabv3plus", "resnet50", 8),
+         ("deeplabv3plus", "mobilenet_v3_large", None), ("deeplabv3plus", "efficientnet_b0", None),
+         ("deeplabv3plus", "convnext_tiny", None), ("deeplabv3plus", "swin_t", None),
+         ("unet", "resnet18", None), ("unet", "resnet50", None), ("unet", "mobilenet_v3_large", None),
+         ("unet", "efficientnet_b0", None), ("unet", "convnext_tiny", None), ("unet", "swin_t", None),
+         ("unet", "regnet_y_400mf", None)]
+
+
+def first_conv(net):
+    return next(m for m in net.encoder.net.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("arch,backbone,output_stride", CASES)
+def test_shapes_finite_and_gradients_reach_the_first_conv(arch, backbone, output_stride):
+    torch.manual_seed(0)
+    net = build_model(arch, backbone, num_classes=5, output_stride=output_stride)
+    net.train()
+    for shape in [(2, 3, 96, 128), (1, 3, 75, 101)]:
+        net.zero_grad()
+        out = net(torch.randn(*shape))
+        assert out.shape == (shape[0], 5, shape[2], shape[3])
+        assert torch.isfinite(out).all()
+        out.float().pow(2).mean().backward()
+        grad = first_conv(net).weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_output_stride_by_dilation_and_its_limits():
+    net = build_model("deeplabv3plus", "resnet50", 3, output_stride=8)
+    assert net.encoder.strides == [2, 4, 8, 8, 8]
+    with torch.no_grad():
+        feats = net.encoder(torch.zeros(1, 3, 64, 64))
+    assert feats[-1].shape[-1] == 8  # 64 / 8
+    assert build_model("deeplabv3plus", "mobilenet_v3_large", 3).encoder.output_stride == 16
+    assert build_model("deeplabv3plus", "convnext_tiny", 3).encoder.output_stride == 32  # documented fallback
+    with pytest.raises(ModelError, match="convnext_tiny .* cannot give output stride 16"):
+        build_model("deeplabv3plus", "convnext_tiny", 3, output_stride=16)
+    with pytest.raises(ModelError, match="unknown backbone 'resnet9'"):
+        build_model("unet", "resnet9")
+
+
+def test_aspp_rates_follow_the_output_stride():
+    rates = lambda net: [b[0].dilation[0] for b in net.aspp.branches[1:]]
+    assert rates(build_model("deeplabv3plus", "resnet18", 3, output_stride=16)) == [6, 12, 18]
+    assert rates(build_model("deeplabv3plus", "resnet18", 3, output_stride=8)) == [12, 24, 36]
+
+
+def test_separable_option_uses_depthwise_convs():
+    net = build_model("deeplabv3plus", "resnet18", 3, separable=True)
+    assert any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.refine.modules())
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_whole_model_weights_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("unet", "resnet18", 4).eval()
+    torch.save({"model": net.state_dict()}, tmp_path / "ckpt.pt")  # a checkpoint holding the model
+    torch.manual_seed(1)
+    other = build_model("unet", "resnet18", 4, weights=str(tmp_path / "ckpt.pt"), verbose=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), other(x))
+
+
+def test_backbone_weights_file_from_torchvision_keys(tmp_path):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
+    net = build_model("deeplabv3plus", "resnet18", 4)
+    report = load_weights(net, tmp_path / "resnet18.pth")
+    assert "loaded" in report and "unused" not in report  # fc.* is a known head key, silently dropped
+    assert torch.equal(net.encoder.net.conv1.weight, tv.conv1.weight)
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "resnet34.pth")
+    with pytest.raises(ModelError, match="shapes differ"):
+        load_weights(build_model("unet", "resnet50", 4), tmp_path / "resnet34.pth")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "junk.pth")
+    with pytest.raises(ModelError, match="no key matches"):
+        load_weights(net, tmp_path / "junk.pth")
+    with pytest.raises(ModelError, match="not found"):
+        load_weights(net, tmp_path / "missing.pth")
+
+
+def test_offline_pretrained_request_says_what_to_do(monkeypatch):
+    def offline(**kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(ModelError, match="--no-pretrained.*--weights FILE"):
+        build_model("unet", "resnet18", pretrained=True)
+
+
+def test_pretrained_uses_torchvision_weights_enum(monkeypatch):
+    seen = {}
+    real = torchvision.models.resnet18
+
+    def fake(weights=None):
+        seen["weights"] = weights
+        return real(weights=None)
+    monkeypatch.setattr(torchvision.models, "resnet18", fake)
+    build_model("unet", "resnet18", pretrained=True)
+    assert seen["weights"] == "DEFAULT"
+    build_model("unet", "resnet18", pretrained=False)
+    assert seen["weights"] is None
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    net = build_model("deeplabv3plus", "resnet18", 3).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        ref = net(x)
+        out = net.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    assert torch.allclose(ref, out, atol=1e-4)
+
+
+def test_flop_counter_measures(monkeypatch):
+    net = build_model("unet", "resnet18", 3)
+    assert model_module.count_flops(net, size=64) > 1e8
