@@ -165,7 +165,8 @@ def load_coco(data_dir, json_name, class_names=None, skip_bad=False, check_files
         if not skip_bad:
             raise DataError(f"{path}: {len(lines)} problem(s):\n  {shown}\n(use --skip-bad to skip them)")
         warnings.warn(f"{path}: skipping {len(lines)} bad entries:\n  {shown}", stacklevel=2)
-    return CocoSet(data_dir, path, images, anns_by_image, cat_to_class, class_names, "annotations" in raw)
+    labeled = "annotations" in raw or bool(images) and all("mask_file" in img for img in images)
+    return CocoSet(data_dir, path, images, anns_by_image, cat_to_class, class_names, labeled)
 
 
 def _check_image_file(file, img):
@@ -382,8 +383,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Labeled JSON: (image float CHW normalised, mask int64 HW, meta). Unlabeled: (image, meta).
     meta = {file_name, image_id, height, width} of the original image."""
 
-    def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False):
+    def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False,
+                 full_mask=False):
         self.coco = coco
+        self.full_mask = full_mask  # validation: resize the image only, score against the original-size mask
         self.transform = build_transform(aug, img_size)
         # random erasing is part of 'strong' but touches the image only, so it runs after the joint transform
         self.erase = v2.RandomErasing(p=0.25, scale=(0.02, 0.15), value=0) if aug == "strong" else None
@@ -404,6 +407,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
                             f"but the JSON says {img['width']}x{img['height']}")
         if not self.labeled:
             return image, None
+        if "mask_file" in img:  # a pseudo label: a mask PNG beside the JSON (predict.py --pseudo)
+            mask_file = self.coco.json_path.parent / img["mask_file"]
+            try:
+                with Image.open(mask_file) as im:
+                    mask = np.array(im)
+            except OSError as e:
+                raise DataError(f"mask file {mask_file} cannot be read: {e}") from None
+            if mask.shape != (img["height"], img["width"]):
+                raise DataError(f"mask file {mask_file} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                                f"{img['width']}x{img['height']}")
+            return image, torch.from_numpy(mask)
         anns = self.coco.annotations(img)
         if self.cache:
             mask = self.cache.get(img, anns, self.coco.cat_to_class)
@@ -421,8 +435,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return self[(index + 1) % len(self)]
         img = self.coco.images[index]
         meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"]}
-        if mask is None:
-            return normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)), meta
+        if mask is None or self.full_mask:
+            image = normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor))
+            return (image, meta) if mask is None else (image, mask.long(), meta)
         if self.copy_paste is not None:
             image, mask = self.copy_paste(image, mask, self.load)
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
@@ -430,6 +445,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.erase is not None:
             image = self.erase(image)
         return image, mask.as_subclass(torch.Tensor).long(), meta
+
+
+def collate_full_masks(batch):
+    """Batch for full_mask datasets: images stacked, masks (of differing sizes) and metas as lists."""
+    images, masks, metas = zip(*batch)
+    return torch.stack(images), list(masks), list(metas)
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -1,0 +1,147 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from train import confusion_matrix, segmentation_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+NAMES = ["Background", "A", "B", "C"]
+
+
+def tiny_args(demo_dir, out, *extra):
+    return ["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "train_all.json",
+            "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
+            "--workers", "0", "--lr", "3e-3", "--warmup-epochs", "0", "--output-dir", str(out),
+            "--mask-cache", str(out.parent / "cache"), "--print-freq", "100", *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_confusion_matrix_skips_ignored_pixels():
+    target = torch.tensor([[0, 1, 1], [2, 255, 3]])
+    pred = torch.tensor([[0, 1, 2], [2, 0, 0]])
+    cm = confusion_matrix(pred, target, 4)
+    expected = torch.zeros(4, 4, dtype=torch.int64)
+    for t, p in [(0, 0), (1, 1), (1, 2), (2, 2), (3, 0)]:
+        expected[t, p] += 1
+    assert torch.equal(cm, expected)
+
+
+def test_metrics_on_a_hand_computed_matrix_with_absent_classes():
+    # rows = ground truth, columns = prediction; class 2 absent from both, class 3 predicted but absent from GT
+    cm = torch.tensor([[8, 1, 0, 1],
+                       [2, 4, 0, 0],
+                       [0, 0, 0, 0],
+                       [0, 0, 0, 0]])
+    m = segmentation_metrics(cm, NAMES)
+    iou_bg, iou_a, iou_c = 8 / (10 + 10 - 8), 4 / (6 + 5 - 4), 0.0
+    assert math.isclose(m["per_class"]["Background"]["IoU"], iou_bg)
+    assert math.isclose(m["per_class"]["A"]["IoU"], iou_a)
+    assert math.isnan(m["per_class"]["B"]["IoU"])              # absent from both: left out of the mean
+    assert m["per_class"]["C"]["IoU"] == 0.0                    # predicted, absent from GT: counts as 0
+    assert math.isclose(m["mIoU"], (iou_bg + iou_a + iou_c) / 3)
+    assert math.isclose(m["mAcc"], (8 / 10 + 4 / 6) / 2)       # accuracy needs GT pixels
+    assert math.isclose(m["aAcc"], 12 / 16)
+    table = train.metrics_table(m)
+    assert "absent from ground truth and prediction" in table and "predicted: IoU 0" in table.replace(
+        "absent from ground truth but predicted: IoU 0", "predicted: IoU 0")
+
+
+def test_perfect_prediction_gives_miou_one():
+    target = torch.randint(0, 4, (5, 7))
+    assert segmentation_metrics(confusion_matrix(target, target, 4), NAMES)["mIoU"] == 1.0
+
+
+def test_lr_schedules_warm_up_and_decay():
+    for kind in ("poly", "cosine", "step", "onecycle"):
+        factors = [train.lr_factor(s, 100, 10, kind) for s in range(100)]
+        assert all(0 <= f <= 1.0 + 1e-9 for f in factors)
+        assert factors[-1] < 0.2 and max(factors) > 0.9, kind
+    assert train.lr_factor(0, 100, 10, "poly") == 0.1
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def test_tiny_model_overfits_the_tiny_set(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(demo_dir, out, "--epochs", "12", "--aug", "none", "--val-every", "12"))
+    metrics = json.loads((out / "best_metrics.json").read_text())
+    chance = 1 / 11
+    assert metrics["mIoU"] > 4 * chance, metrics["mIoU"]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.6 * losses[0]
+    assert json.loads((out / "config.json").read_text())["arch"] == "unet"
+    ckpt = load(out / "best.pt")  # only tensors and plain data
+    assert ckpt["class_names"][0] == "Background" and ckpt["epoch"] == 11
+
+
+def test_resume_continues_exactly(demo_dir, tmp_path):
+    common = ["--epochs", "4", "--aug", "basic", "--val-every", "2", "--seed", "3"]
+    train.main(tiny_args(demo_dir, tmp_path / "straight", *common))
+    train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--stop-after", "2"))
+    assert load(tmp_path / "stopped" / "last.pt")["epoch"] == 1
+    train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--resume"))
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "stopped" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
+def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
+    out = tmp_path / "amp"
+    train.main(tiny_args(demo_dir, out, "--epochs", "1", "--amp", "--loss", "focal+dice", "--class-weights", "log",
+                         "--copy-paste", "--aug", "strong", "--arch", "deeplabv3plus"))
+    ckpt = load(out / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["args"]["amp"] and ckpt["args"]["loss"] == "focal+dice"
+
+
+def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeypatch):
+    class NanLoss(torch.nn.Module):
+        parts = {}
+
+        def forward(self, logits, target):
+            return logits.sum() * float("nan")
+    monkeypatch.setattr(train, "build_loss", lambda *a, **k: NanLoss())
+    monkeypatch.setattr(train, "NAN_PATIENCE", 2)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit), pytest.warns(UserWarning, match="non-finite loss"):
+        train.main(tiny_args(demo_dir, out, "--epochs", "1"))
+    assert (out / "nan_stop.pt").is_file()
+
+
+def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--fold", "0",
+                          "--no-pretrained", "--workers", "0"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert "train_fold0.json: file not found" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+def test_two_process_ddp_matches_single_process_metrics(demo_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "train.py", *tiny_args(demo_dir, out, "--epochs", "1", "--aug", "none", "-b", "2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    ddp = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    single = subprocess.run([sys.executable, "train.py", *tiny_args(demo_dir, tmp_path / "single", "--test-only",
+                                                                    "--resume", str(out / "last.pt"))],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = json.loads(single.stdout.strip().splitlines()[-1])
+    assert result["mIoU"] == pytest.approx(ddp["val"]["mIoU"], abs=1e-9)
+    assert result["aAcc"] == pytest.approx(ddp["val"]["aAcc"], abs=1e-9)
