@@ -540,14 +540,14 @@ def write_json(path, obj):
 
 # ----------------------------------------------------------------------------- summary and visualisation
 
-def overlay(image, mask, class_names, alpha=0.5, title=None):
+def overlay(image, mask, class_names, alpha=0.5, title=None, legend=True):
     """PIL image: the photo blended with the palette-coloured mask, and a legend of the classes present."""
     colors = np.array(palette(class_names), np.uint8)
     image = np.asarray(image, np.uint8)
     safe = np.where(mask < len(class_names), mask, 0)
     blend = (image * (1 - alpha) + colors[safe] * alpha).astype(np.uint8)
     blend[mask == 0] = image[mask == 0]  # keep Background as the photo itself
-    present = [int(c) for c in np.unique(mask) if c < len(class_names)]
+    present = [int(c) for c in np.unique(mask) if c < len(class_names)] if legend else []
     row = 14
     legend_h = row * (len(present) + (1 if title else 0)) + 4
     canvas = Image.new("RGB", (blend.shape[1], blend.shape[0] + legend_h), (255, 255, 255))

@@ -472,7 +472,8 @@ def run(args, rank, world, device):
             if improved:
                 (output_dir / "best_metrics.json").write_text(json.dumps(
                     dict(metrics, epoch=epoch, confusion=confusion.tolist()), indent=1))
-    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, best mIoU {best_miou:.4f}, checkpoints in {output_dir}")
+    best = f"best mIoU {best_miou:.4f}" if best_miou >= 0 else "no validation"
+    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,194 @@
+"""Combine predictions of several runs (predict.py output dirs, or bare submission CSVs) into one.
+
+    python ensemble.py preds/* --output-dir preds/ensemble
+    python ensemble.py preds/a preds/b --weights 2 1 --mode hard --eval --data-dir data --json val.json
+
+Soft voting (default when every input has probs/): the weighted average of the class probabilities, resized to
+each image's size, then argmax. Hard voting (--mode hard, or when an input has no probs): per pixel, the class with
+the largest summed weight of the inputs' masks. Hard-vote ties go to the tied class with the largest summed
+probability when every input has probs, else to the tied class of the first input (in command-line order) that
+voted for one. Bare CSV inputs vote hard at the CSV's resolution and give a CSV only.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import DataError, SegmentationDataset, default_cache_dir, load_coco, write_json
+from predict import (PredictError, csv_row, finish, load_mask, mask_name, prepare_output_dir,
+                     write_submission)
+
+
+def read_input(path):
+    """A predict.py output dir (its predictions.json) or a submission CSV -> dict describing it."""
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / "predictions.json"
+        if not manifest.is_file():
+            raise PredictError(f"{path}: no predictions.json (not a predict.py output dir)")
+        info = json.loads(manifest.read_text())
+        return {"path": path, "kind": "dir", "class_names": info["class_names"], "data_dir": info.get("data_dir"),
+                "images": {e["file_name"]: e for e in info["images"]},
+                "order": [e["file_name"] for e in info["images"]],
+                "has_probs": all("probs" in e for e in info["images"])}
+    if path.suffix == ".csv" and path.is_file():
+        csv.field_size_limit(1 << 30)  # a row holds 65,536 ids: far past the csv module's default limit
+        rows = {}
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header != ["image_id", "PredictionString"]:
+                raise PredictError(f"{path}: header is {header}, expected image_id,PredictionString")
+            for image_id, prediction in reader:
+                rows[image_id] = np.array(prediction.split(), dtype=np.uint8)
+        side = {int(round(len(v) ** 0.5)) for v in rows.values()}
+        if len(side) != 1 or any(len(v) != next(iter(side)) ** 2 for v in rows.values()):
+            raise PredictError(f"{path}: rows are not all square masks of one size")
+        s = side.pop()
+        return {"path": path, "kind": "csv", "class_names": None, "order": list(rows), "has_probs": False,
+                "images": {k: {"file_name": k, "height": s, "width": s, "csv_mask": v.reshape(s, s)}
+                           for k, v in rows.items()}}
+    raise PredictError(f"{path}: neither a predict.py output dir nor a .csv file")
+
+
+def check_inputs(inputs):
+    """Same images with the same sizes (and class lists) everywhere, or an error naming what differs."""
+    first = inputs[0]
+    names = [i["class_names"] for i in inputs if i["class_names"]]
+    if any(n != names[0] for n in names):
+        raise PredictError("inputs have different class lists: " +
+                           "; ".join(f"{i['path']}: {len(i['class_names'])} classes" for i in inputs if i["class_names"]))
+    for other in inputs[1:]:
+        a, b = set(first["images"]), set(other["images"])
+        if a != b:
+            diff = sorted(a ^ b)
+            raise PredictError(f"{other['path']} and {first['path']} cover different images; differing image ids: "
+                               f"{', '.join(diff[:10])}{' ...' if len(diff) > 10 else ''}")
+        if other["kind"] == first["kind"] == "dir":
+            sizes = [k for k in a if (first["images"][k]["height"], first["images"][k]["width"]) !=
+                     (other["images"][k]["height"], other["images"][k]["width"])]
+            if sizes:
+                raise PredictError(f"{other['path']} and {first['path']} differ in image size for: "
+                                   f"{', '.join(sorted(sizes)[:10])}")
+    if len({i["kind"] for i in inputs}) > 1:
+        raise PredictError("mix of CSV and directory inputs: give all of one kind")
+
+
+def load_probs(inp, file_name, height, width):
+    probs = torch.from_numpy(np.load(inp["path"] / inp["images"][file_name]["probs"]).astype(np.float32))
+    return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def hard_vote(masks, weights, num_classes, tie_scores=None):
+    """Per-pixel weighted majority of uint8 masks. Ties: largest tie_score (C, H, W) when given, else the class
+    of the first mask that voted for a tied class."""
+    votes = np.zeros((num_classes,) + masks[0].shape, np.float64)
+    for mask, w in zip(masks, weights):
+        np.add.at(votes, (mask.astype(np.int64),) + tuple(np.indices(mask.shape)), w)
+    best = votes.max(0)
+    tied = np.isclose(votes, best[None])
+    if tie_scores is not None:
+        return np.where(tied, tie_scores, -np.inf).argmax(0).astype(np.uint8)
+    choice = np.full(masks[0].shape, 255, np.int64)
+    for mask in masks:
+        take = (choice == 255) & np.take_along_axis(tied, mask[None].astype(np.int64), 0)[0]
+        choice[take] = mask[take]
+    return choice.astype(np.uint8)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="predict.py output dirs, or submission CSVs")
+    p.add_argument("--output-dir", default="preds/ensemble")
+    p.add_argument("--mode", choices=("soft", "hard"), help="default: soft when every input has probs/")
+    p.add_argument("--weights", type=float, nargs="+", help="one per input (default all 1)")
+    p.add_argument("--csv-size", type=int, default=256)
+    p.add_argument("--eval", action="store_true", help="score against --json's annotations")
+    p.add_argument("--data-dir", help="default: the one predict.py used")
+    p.add_argument("--json", help="labeled JSON for --eval")
+    p.add_argument("--vis", type=int, default=0, metavar="N")
+    p.add_argument("--mask-cache", default=str(default_cache_dir()))
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (PredictError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    out_dir = Path(args.output_dir)
+    paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
+    if len(paths) < 2:
+        raise PredictError(f"need at least two inputs besides {out_dir}, got {len(paths)}")
+    weights = args.weights or [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise PredictError(f"{len(weights)} weights for {len(paths)} inputs")
+    inputs = [read_input(p) for p in paths]
+    check_inputs(inputs)
+    soft_possible = all(i["has_probs"] for i in inputs)
+    mode = args.mode or ("soft" if soft_possible else "hard")
+    if mode == "soft" and not soft_possible:
+        raise PredictError("soft voting needs probs/ in every input: " +
+                           ", ".join(str(i["path"]) for i in inputs if not i["has_probs"]))
+    first = inputs[0]
+    out_dir = prepare_output_dir(out_dir, args.force)
+    print(f"{mode} voting over {len(inputs)} inputs ({', '.join(map(str, paths))}), weights {weights} -> {out_dir}")
+
+    if first["kind"] == "csv":  # masks at the CSV's resolution; no class list, so ids 0..max seen
+        num_classes = 1 + max(int(i["images"][k]["csv_mask"].max()) for i in inputs for k in i["order"])
+        rows = []
+        for name in first["order"]:
+            voted = hard_vote([i["images"][name]["csv_mask"] for i in inputs], weights, num_classes)
+            rows.append(csv_row(name, voted, args.csv_size))
+        write_submission(out_dir / "submission.csv", rows)
+        print(f"wrote {out_dir / 'submission.csv'} ({len(rows)} rows)")
+        return
+
+    class_names = first["class_names"]
+    num_classes = len(class_names)
+    data_dir = args.data_dir or first["data_dir"]
+    targets = {}
+    if args.eval:
+        if not args.json:
+            raise PredictError("--eval needs --json (a labeled JSON of the same images)")
+        coco = load_coco(data_dir, args.json, class_names=class_names)
+        if not coco.labeled:
+            raise PredictError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
+        dataset = SegmentationDataset(coco, 32, "none", None if args.mask_cache == "none" else args.mask_cache)
+        index = {img["file_name"]: i for i, img in enumerate(coco.images)}
+        missing = [k for k in first["order"] if k not in index]
+        if missing:
+            raise PredictError(f"{coco.json_path} lacks predicted images: {', '.join(missing[:10])}")
+        targets = {k: dataset.load(index[k])[1].numpy() for k in first["order"]}
+
+    results, manifest = [], []
+    total = sum(weights)
+    for name in first["order"]:
+        entry = first["images"][name]
+        h, w = entry["height"], entry["width"]
+        if mode == "soft":
+            probs = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)) / total
+            pred = probs.argmax(0).to(torch.uint8).numpy()
+        else:
+            masks = [load_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
+            tie = None
+            if soft_possible:
+                tie = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)).numpy()
+            pred = hard_vote(masks, weights, num_classes, tie)
+        results.append((name, pred, targets.get(name)))
+        manifest.append({"file_name": name, "height": h, "width": w, "mask": "masks/" + mask_name(name)})
+    finish(out_dir, class_names, results, data_dir, args.csv_size, args.vis, bool(args.eval),
+           {"inputs": [str(p) for p in paths], "weights": weights, "mode": mode})
+    write_json(out_dir / "predictions.json", {"class_names": class_names, "data_dir": data_dir, "mode": mode,
+                                              "inputs": [str(p) for p in paths], "images": manifest})
+    print(f"wrote {out_dir / 'submission.csv'} ({len(results)} rows)")
+
+
+if __name__ == "__main__":
+    main()

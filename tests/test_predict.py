@@ -1,0 +1,179 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ensemble
+import predict
+import train
+from predict import PredictError
+from ensemble import hard_vote
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dirs(demo_dir, tmp_path_factory):
+    """Two tiny trained checkpoints on the demo set (1 epoch each, different seeds)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("a", "1"), ("b", "2")):
+        train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none",
+                    "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
+                    "--workers", "0", "--epochs", "1", "--seed", seed, "--output-dir", str(root / name),
+                    "--mask-cache", str(root / "cache"), "--print-freq", "100"])
+    return root
+
+
+def run_predict(demo_dir, ckpt, out, *extra):
+    predict.main(["--ckpt", str(ckpt), "--data-dir", str(demo_dir), "--output-dir", str(out), "--workers", "0",
+                  *extra])
+
+
+def read_csv(path):
+    csv.field_size_limit(1 << 30)
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_submission_csv_format(demo_dir, run_dirs, tmp_path):
+    out = tmp_path / "pred"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json", "--tta")
+    rows = read_csv(out / "submission.csv")
+    assert rows[0] == ["image_id", "PredictionString"]
+    test = json.loads((Path(demo_dir) / "test.json").read_text())
+    assert [r[0] for r in rows[1:]] == [img["file_name"] for img in test["images"]]  # JSON order
+    for _, prediction in rows[1:]:
+        ids = prediction.split(" ")
+        assert len(ids) == 256 * 256
+        assert all(0 <= int(v) <= 10 for v in set(ids))
+    manifest = json.loads((out / "predictions.json").read_text())
+    first = manifest["images"][0]
+    mask = predict.load_mask(out / first["mask"])
+    assert mask.shape == (first["height"], first["width"])  # original size
+    probs = np.load(out / first["probs"])
+    assert probs.dtype == np.float16 and probs.shape == (11, 256, 256)
+    assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+
+
+def test_csv_row_is_nearest_resized_row_major():
+    mask = np.zeros((4, 6), np.uint8)
+    mask[:, 3:] = 2
+    mask[0, 0] = 1
+    name, prediction = predict.csv_row("x.jpg", mask, 2)
+    assert name == "x.jpg" and prediction == "1 2 0 2"
+
+
+def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 1)).eval()
+    images = torch.randn(3, 3, 16, 16)
+    plain = predict.predict_probs(net, images, 16)
+    tta = predict.predict_probs(net, images, 16, tta=True)
+    assert torch.allclose(plain, tta, atol=1e-6)
+    # and a network that is not flip-equivariant is changed by it: TTA really ran
+    net3 = torch.nn.Conv2d(3, 5, 3, padding=1).eval()
+    assert not torch.allclose(predict.predict_probs(net3, images, 16), predict.predict_probs(net3, images, 16, True))
+    multi = predict.predict_probs(net, images, 16, tta=True, scales=(0.5, 1.0, 1.5))
+    assert multi.shape == (3, 5, 16, 16) and torch.allclose(multi.sum(1), torch.ones(3, 16, 16), atol=1e-5)
+
+
+def test_eval_of_a_perfect_prediction_gives_miou_one(demo_dir, tmp_path):
+    from data import load_coco, SegmentationDataset
+    coco = load_coco(demo_dir, "train_all.json")
+    ds = SegmentationDataset(coco)
+    results = [(img["file_name"], ds.load(i)[1].numpy(), ds.load(i)[1].numpy()) for i, img in enumerate(coco.images[:3])]
+    out = tmp_path / "perfect"
+    out.mkdir()
+    metrics = predict.finish(out, coco.class_names, results, demo_dir, 256, 0, True)
+    assert metrics["mIoU"] == 1.0
+    per_image = read_csv(out / "per_image.csv")
+    assert per_image[0][:2] == ["image_id", "mIoU"] and all(float(r[1]) == 1.0 for r in per_image[1:])
+
+
+def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
+    out = tmp_path / "eval"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "train_all.json", "--eval", "--vis", "3")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["mIoU"] <= 1 and len(metrics["confusion"]) == 11
+    rows = read_csv(out / "per_image.csv")[1:]
+    worst = sorted(rows, key=lambda r: float(r[1]))[:3]
+    vis = sorted(p.name for p in (out / "vis").glob("*.png"))
+    assert [v.split("_", 1)[1] for v in vis] == [Path(r[0]).stem + ".png" for r in worst]
+
+    pseudo = tmp_path / "pseudo"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", pseudo, "--json", "test.json", "--pseudo", "--no-probs")
+    assert not (pseudo / "probs").exists()
+    train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none",
+                "--pseudo", str(pseudo), "--arch", "unet", "--backbone", "resnet18", "--no-pretrained",
+                "--img-size", "48", "-b", "4", "--workers", "0", "--epochs", "1", "--output-dir",
+                str(tmp_path / "retrain"), "--mask-cache", "none", "--print-freq", "100"])
+    log = (tmp_path / "retrain" / "log.jsonl").read_text()
+    assert json.loads(log.splitlines()[-1])["epoch"] == 0
+    from data import load_coco, SegmentationDataset
+    coco = load_coco(demo_dir, pseudo / "pseudo.json", class_names=load_coco(demo_dir, "train_all.json").class_names)
+    assert coco.labeled and len(coco) == 4
+    image, mask, _ = SegmentationDataset(coco, 48)[0]
+    assert mask.shape == (48, 48)
+
+
+def test_output_dir_is_never_overwritten_silently(demo_dir, run_dirs, tmp_path):
+    out = tmp_path / "once"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json", "--no-probs")
+    with pytest.raises(SystemExit, match="already holds outputs; use --force"):
+        run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json")
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json", "--force")
+    assert (out / "probs").is_dir()
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(run_dirs, tmp_path):
+    ckpt = torch.load(run_dirs / "a" / "best.pt", weights_only=True)
+    ckpt["class_names"] = ckpt["class_names"][:5]
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(PredictError, match="do not fit unet/resnet18 with 5 classes"):
+        predict.load_checkpoint_model(tmp_path / "bad.pt", torch.device("cpu"))
+
+
+def test_hard_voting_on_crafted_masks():
+    a = np.array([[1, 1], [2, 0]], np.uint8)
+    b = np.array([[1, 3], [3, 0]], np.uint8)
+    c = np.array([[2, 3], [4, 5]], np.uint8)
+    assert hard_vote([a, b, c], [1, 1, 1], 6).tolist() == [[1, 3], [2, 0]]  # [1,0]: 3-way tie -> first input
+    assert hard_vote([a, b, c], [1, 1, 3], 6).tolist() == [[2, 3], [4, 5]]  # weights
+    tie = np.zeros((6, 2, 2))
+    tie[4] = 1.0  # probabilities favour class 4 among the tied
+    assert hard_vote([a, b, c], [1, 1, 1], 6, tie)[1, 0] == 4
+
+
+def test_soft_voting_is_the_weighted_average(demo_dir, run_dirs, tmp_path):
+    pa, pb = tmp_path / "pa", tmp_path / "pb"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", pa, "--json", "test.json")
+    run_predict(demo_dir, run_dirs / "b" / "best.pt", pb, "--json", "test.json")
+    out = tmp_path / "ens"
+    ensemble.main([str(pa), str(pb), str(out), "--output-dir", str(out), "--weights", "3", "1"])  # out is skipped
+    manifest = json.loads((pa / "predictions.json").read_text())
+    for entry in manifest["images"]:
+        h, w = entry["height"], entry["width"]
+        avg = (3 * ensemble.load_probs({"path": pa, "images": {entry["file_name"]: entry}}, entry["file_name"], h, w)
+               + ensemble.load_probs({"path": pb, "images": {entry["file_name"]: dict(entry)}}, entry["file_name"], h, w)) / 4
+        expected = avg.argmax(0).numpy()
+        assert np.array_equal(predict.load_mask(out / entry["mask"]), expected)
+    assert len(read_csv(out / "submission.csv")) == 1 + len(manifest["images"])
+
+    hard = tmp_path / "hard"
+    ensemble.main([str(pa / "submission.csv"), str(pb / "submission.csv"), "--output-dir", str(hard)])
+    assert read_csv(hard / "submission.csv")[1][0] == manifest["images"][0]["file_name"]
+
+
+def test_mismatched_inputs_are_rejected(demo_dir, run_dirs, tmp_path):
+    pa, pb = tmp_path / "pa", tmp_path / "pb"
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", pa, "--json", "test.json", "--no-probs")
+    run_predict(demo_dir, run_dirs / "b" / "best.pt", pb, "--json", "train_all.json", "--no-probs")
+    with pytest.raises(SystemExit, match="cover different images; differing image ids: images/demo_0000.jpg"):
+        ensemble.main([str(pa), str(pb), "--output-dir", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="soft voting needs probs"):
+        ensemble.main([str(pa), str(pa), "--mode", "soft", "--output-dir", str(tmp_path / "e2")])
