@@ -121,6 +121,7 @@ def get_args(argv=None):
     p.add_argument("--output-dir", help="default runs/<arch>_<backbone>_fold<k>")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from PATH, or from <output-dir>/last.pt without one")
+    p.add_argument("--force", action="store_true", help="start afresh in an output dir that holds a run")
     p.add_argument("--test-only", action="store_true", help="only validate (the --resume checkpoint)")
     p.add_argument("--val-every", type=int, default=1, metavar="EPOCHS")
     p.add_argument("--print-freq", type=int, default=20, metavar="STEPS")
@@ -283,6 +284,12 @@ def run(args, rank, world, device):
         saved = checkpoint["args"]
         for key in ("arch", "backbone", "output_stride", "separable", "img_size"):  # the network must match
             setattr(args, key, saved[key])
+    if not checkpoint and not args.test_only and (output_dir / "last.pt").exists():
+        if not args.force:
+            raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "
+                             f"over, or another --output-dir")
+        if rank == 0:
+            (output_dir / "log.jsonl").unlink(missing_ok=True)
     if rank == 0 and not args.test_only:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(vars(args), indent=1))

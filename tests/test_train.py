@@ -123,6 +123,16 @@ def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeyp
     assert (out / "nan_stop.pt").is_file()
 
 
+def test_an_existing_run_is_not_overwritten_without_force(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none"))
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none"))
+    assert (out / "last.pt").read_bytes() == before
+    train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none", "--force"))
+
+
 def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--fold", "0",
                           "--no-pretrained", "--workers", "0"], capture_output=True, text=True, cwd=REPO)
