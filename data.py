@@ -426,13 +426,21 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, torch.from_numpy(np.ascontiguousarray(mask))
 
     def __getitem__(self, index):
-        try:
-            image, mask = self.load(index)
-        except DataError as e:
-            if not self.skip_bad:
-                raise
-            warnings.warn(f"skipping bad sample: {e}")
-            return self[(index + 1) % len(self)]
+        for attempt in range(len(self)):  # with skip_bad, a bad sample is replaced by the next good one
+            try:
+                image, mask = self.load(index)
+                break
+            except Exception as e:  # whatever fails, say which sample
+                if not isinstance(e, DataError):
+                    img = self.coco.images[index]
+                    e = DataError(f"image {self.coco.image_path(img)} (id {img['id']}) of {self.coco.json_path}: "
+                                  f"{e.__class__.__name__}: {e}")
+                if not self.skip_bad:
+                    raise e from None
+                warnings.warn(f"skipping bad sample: {e}")
+                index = (index + 1) % len(self)
+        else:
+            raise DataError(f"{self.coco.json_path}: every sample failed to load")
         img = self.coco.images[index]
         meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"]}
         if mask is None or self.full_mask:

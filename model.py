@@ -254,16 +254,21 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, 
     return model
 
 
+def load_state_file(path, what="weights"):
+    """torch.load(..., weights_only=True) with a ModelError naming the file instead of a deep traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: {what} file not found") from None
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load {what} ({e.__class__.__name__}: {e})") from None
+
+
 def load_weights(model, file):
     """Load a local state dict: a whole model's (ours, or a checkpoint holding one under 'model') or a
     backbone's (torchvision's classification keys). Returns a one-paragraph report; a shape mismatch on a
     backbone key or a file matching nothing is a ModelError."""
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{file}: weights file not found") from None
-    except Exception as e:
-        raise ModelError(f"{file}: cannot load weights ({e.__class__.__name__}: {e})") from None
+    state = load_state_file(file, "weights")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

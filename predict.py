@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import DataError, SegmentationDataset, default_cache_dir, load_coco, overlay, palette, read_image, write_json
-from model import ModelError, build_model
+from model import ModelError, build_model, load_state_file
 from train import autocast, confusion_matrix, metrics_table, segmentation_metrics
 
 
@@ -145,12 +145,7 @@ def finish(out_dir, class_names, results, data_dir, csv_size, vis, labeled, extr
 # ----------------------------------------------------------------------------- prediction
 
 def load_checkpoint_model(path, device):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PredictError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise PredictError(f"{path}: cannot load checkpoint ({e.__class__.__name__}: {e})") from None
+    ckpt = load_state_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise PredictError(f"{path}: not a train.py checkpoint (no 'model' and 'args')")
     a = ckpt["args"]

@@ -27,7 +27,7 @@ import torch.nn as nn
 from data import (AUG_PRESETS, CopyPaste, DataError, SegmentationDataset, collate_full_masks, default_cache_dir,
                   load_coco, pixel_counts)
 from losses import IGNORE_INDEX, WEIGHT_METHODS, build_loss, class_weights
-from model import ARCHS, BACKBONES, ModelError, build_model
+from model import ARCHS, BACKBONES, ModelError, build_model, load_state_file
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
@@ -280,7 +280,9 @@ def run(args, rank, world, device):
     if resume_path:
         if not resume_path.is_file():
             raise ValueError(f"{resume_path}: no checkpoint to resume from")
-        checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True)
+        checkpoint = load_state_file(resume_path, "checkpoint")
+        if not isinstance(checkpoint, dict) or "args" not in checkpoint or "optimizer" not in checkpoint:
+            raise ValueError(f"{resume_path}: not a train.py checkpoint")
         saved = checkpoint["args"]
         for key in ("arch", "backbone", "output_stride", "separable", "img_size"):  # the network must match
             setattr(args, key, saved[key])

@@ -125,6 +125,18 @@ def test_image_broken_after_loading_names_the_file_mid_epoch(tmp_path):
         SegmentationDataset(coco, img_size=8)[0]
 
 
+def test_unexpected_failure_in_a_sample_names_it(tmp_path, monkeypatch):
+    write_set(tmp_path, [("a.jpg", 8, 8)], [{"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 4, 4),
+                                             "area": 16}])
+    ds = SegmentationDataset(load_coco(tmp_path, "train_all.json"), img_size=8)
+    monkeypatch.setattr(data, "paint_mask", lambda *a: 1 / 0)
+    with pytest.raises(DataError, match=r"a\.jpg \(id 1\) of .*train_all.json: ZeroDivisionError"):
+        ds[0]
+    ds.skip_bad = True
+    with pytest.raises(DataError, match="every sample failed"), pytest.warns(UserWarning):
+        ds[0]  # a set where every sample is bad cannot be skipped forever
+
+
 def test_dataset_items_and_non_square_images_batch(demo_dir):
     coco = load_coco(demo_dir, "train_all.json")
     assert len({(i["width"], i["height"]) for i in coco.images}) > 1
