@@ -1,11 +1,18 @@
-"""Benchmarks that print figures (never run as tests): data loader throughput, with and without the mask cache.
+"""Benchmarks that print figures (never run as tests): data loader, training step, inference; optionally side by
+side with segmentation_models_pytorch (pip install -r requirements-bench.txt), interleaved in one process.
 
-    python bench.py --data-dir ../shared/data/camvid --img-size 512 --workers 2 --presets none strong
+    python bench.py                                            # all sections, camvid when ../shared is there
+    python bench.py --sections train infer --archs deeplabv3plus unet --backbones resnet18 --img-size 256 -b 4 --peer smp
+    python bench.py --sections loader --img-size 512 --workers 2
 """
 import argparse
+import copy
 import json
 import platform
+import resource
 import shutil
+import subprocess
+import sys
 import statistics
 import tempfile
 import time
@@ -14,6 +21,8 @@ from pathlib import Path
 import torch
 
 from data import SegmentationDataset, load_coco, make_demo
+from model import build_model
+from predict import predict_probs
 
 
 def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
@@ -58,6 +67,151 @@ def bench_loader(args):
     return rows, fill_s
 
 
+# ----------------------------------------------------------------------------- networks
+
+def make_net(impl, arch, backbone, num_classes):
+    if impl == "ours":
+        return build_model(arch, backbone, num_classes, pretrained=False, verbose=False)
+    import segmentation_models_pytorch as smp  # benchmark-only dependency
+    cls = {"deeplabv3plus": smp.DeepLabV3Plus, "unet": smp.Unet}[arch]
+    return cls(encoder_name=backbone, encoder_weights=None, classes=num_classes)
+
+
+VARIANTS = {"fp32": (None, False), "fp32+cl": (None, True), "bf16": (torch.bfloat16, False),
+            "bf16+cl": (torch.bfloat16, True), "fp16 (cuda)": (torch.float16, True)}
+
+
+def train_stepper(net, device, dtype, channels_last, img_size, batch_size, num_classes):
+    """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch."""
+    net = net.to(device).train()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size, img_size, img_size), device=device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = net(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return step
+
+
+def infer_stepper(net, device, dtype, channels_last, img_size, batch_size, tta, scales):
+    net = net.to(device).eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return lambda: predict_probs(net, x, img_size, tta, scales, dtype is not None, channels_last)
+
+
+def timed_rates(steppers, batch_size, steps, repeats, device):
+    """Images/s of each stepper: warm-up, then `repeats` rounds that run every stepper in turn (interleaved, so
+    drift in the machine's speed hits all alike); the median round for each."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steppers.values():
+        for _ in range(2):
+            step()
+    rates = {name: [] for name in steppers}
+    for _ in range(repeats):
+        for name, step in steppers.items():
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            rates[name].append(steps * batch_size / (time.perf_counter() - t))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def peak_memory_mb(impl, arch, backbone, variant, args):
+    """Peak memory of a few training steps of one configuration in a fresh process (CPU: rise of max RSS over
+    the process after imports; CUDA: max allocated), so configurations do not inherit each other's peaks."""
+    cmd = [sys.executable, __file__, "--_memory", impl, arch, backbone, variant, "--img-size", str(args.img_size),
+           "-b", str(args.batch_size), "--num-classes", str(args.num_classes)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
+
+
+def memory_child(args):
+    impl, arch, backbone, variant = args._memory
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # ru_maxrss never falls, and importing torch alone sets a high one: measure the rise over that baseline
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dtype, channels_last = VARIANTS[variant]
+    step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, dtype, channels_last,
+                         args.img_size, args.batch_size, args.num_classes)
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2 ** 20)
+    else:
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
+
+
+def bench_train(args, device):
+    impls = ["ours"] + ([args.peer] if args.peer else [])
+    variants = ["fp16 (cuda)", "fp32", "fp32+cl"] if device.type == "cuda" else ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+    rows = []
+    print("\n| arch | backbone | impl | params (M) | precision/format | train images/s | peak memory MB (CPU: RSS rise) |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in args.archs:
+        for backbone in args.backbones:
+            nets = {impl: make_net(impl, arch, backbone, args.num_classes) for impl in impls}
+            steppers = {}
+            for impl in impls:
+                for variant in variants:
+                    dtype, cl = VARIANTS[variant]
+
+                    steppers[(impl, variant)] = train_stepper(copy.deepcopy(nets[impl]), device, dtype, cl,
+                                                              args.img_size, args.batch_size, args.num_classes)
+            rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
+            for (impl, variant), rate in rates.items():
+                params = sum(p.numel() for p in nets[impl].parameters()) / 1e6
+                mem = peak_memory_mb(impl, arch, backbone, variant, args) if args.memory else float("nan")
+                rows.append({"arch": arch, "backbone": backbone, "impl": impl, "params_m": params,
+                             "variant": variant, "train_images_per_s": rate, "peak_memory_mb": mem})
+                print(f"| {arch} | {backbone} | {impl} | {params:.2f} | {variant} | {rate:.2f} | {mem:.0f} |",
+                      flush=True)
+            if args.peer:
+                ours_default = rates[("ours", "fp32+cl")]  # train.py's defaults: fp32, channels_last
+                for variant in variants:
+                    print(f"ratio ours/{args.peer} {arch}/{backbone} {variant}: "
+                          f"{rates[('ours', variant)] / rates[(args.peer, variant)]:.2f}")
+                print(f"ratio ours (default fp32+cl) / {args.peer} (usual fp32): "
+                      f"{ours_default / rates[(args.peer, 'fp32')]:.2f}")
+    return rows
+
+
+def bench_infer(args, device):
+    impls = ["ours"] + ([args.peer] if args.peer else [])
+    dtype, cl = (torch.float16, True) if device.type == "cuda" else (None, True)
+    modes = {"plain": (False, (1.0,)), "flip TTA": (True, (1.0,)), "flips + 3 scales": (True, (0.75, 1.0, 1.25))}
+    rows = []
+    print("\n| arch | backbone | impl | TTA | infer images/s | cost vs plain |\n|---|---|---|---|---|---|")
+    for arch in args.archs:
+        for backbone in args.backbones:
+            steppers = {}
+            for impl in impls:
+                net = make_net(impl, arch, backbone, args.num_classes)
+                for mode, (tta, scales) in modes.items():
+                    steppers[(impl, mode)] = infer_stepper(net, device, dtype, cl, args.img_size, args.batch_size,
+                                                           tta, scales)
+            rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
+            for (impl, mode), rate in rates.items():
+                cost = rates[(impl, "plain")] / rate
+                rows.append({"arch": arch, "backbone": backbone, "impl": impl, "tta": mode,
+                             "infer_images_per_s": rate, "cost_vs_plain": cost})
+                print(f"| {arch} | {backbone} | {impl} | {mode} | {rate:.2f} | {cost:.2f}x |", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_data = Path(__file__).resolve().parent.parent / "shared" / "data" / "camvid"
@@ -65,24 +219,46 @@ def main():
                    help="default: ../shared/data/camvid when present, else a fresh demo set")
     p.add_argument("--json", default="train_all.json")
     p.add_argument("--img-size", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=20, help="timed batches per pass")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--presets", nargs="+", default=["none", "strong"])
+    p.add_argument("--sections", nargs="+", default=["loader", "train", "infer"], choices=["loader", "train", "infer"])
+    p.add_argument("--archs", nargs="+", default=["deeplabv3plus", "unet"])
+    p.add_argument("--backbones", nargs="+", default=["resnet18"])
+    p.add_argument("--num-classes", type=int, default=11)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
+    p.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch, interleaved")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="peak memory of each training configuration, in a fresh process")
+    p.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args()
-    if args.data_dir is None:
+    if args._memory:
+        return memory_child(args)
+    if args.data_dir is None and "loader" in args.sections:
         args.data_dir = str(make_demo(tempfile.mkdtemp(prefix="bench_demo_")))
     torch.manual_seed(0)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; data {args.data_dir}, {args.img_size}px, batch {args.batch_size}, "
           f"{args.workers} workers; median of {args.repeats} x {args.batches} batches")
-    print("\n| preset | mask cache | loader samples/s |\n|---|---|---|")
-    rows, fill_s = bench_loader(args)
-    print(f"\nfilling the mask cache once took {fill_s:.1f} s for {len(load_coco(args.data_dir, args.json))} images")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+        print(f"cpu flags: avx512_bf16={'avx512_bf16' in flags}, amx_bf16={'amx_bf16' in flags}")
+    results = {}
+    if "loader" in args.sections:
+        print("\n| preset | mask cache | loader samples/s |\n|---|---|---|")
+        rows, fill_s = bench_loader(args)
+        print(f"\nfilling the mask cache once took {fill_s:.1f} s for {len(load_coco(args.data_dir, args.json))} images")
+        results.update(loader=rows, cache_fill_s=fill_s)
+    if "train" in args.sections:
+        results["train"] = bench_train(args, device)
+    if "infer" in args.sections:
+        results["infer"] = bench_infer(args, device)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"loader": rows, "cache_fill_s": fill_s}, indent=1))
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
