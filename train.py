@@ -30,6 +30,7 @@ from losses import IGNORE_INDEX, WEIGHT_METHODS, build_loss, class_weights
 from model import ARCHS, BACKBONES, ModelError, build_model, load_state_file
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
+RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
 
 
 # ----------------------------------------------------------------------------- metrics (shared with predict/ensemble)
@@ -272,7 +273,7 @@ def run(args, rank, world, device):
     resume_path = None
     if args.resume and args.resume != "auto":
         resume_path = Path(args.resume)
-    output_dir = Path(args.output_dir or (resume_path.parent if resume_path and args.test_only else
+    output_dir = Path(args.output_dir or (resume_path.parent if resume_path else
                                           Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
     if args.resume == "auto":
         resume_path = output_dir / "last.pt"
@@ -283,9 +284,13 @@ def run(args, rank, world, device):
         checkpoint = load_state_file(resume_path, "checkpoint")
         if not isinstance(checkpoint, dict) or "args" not in checkpoint or "optimizer" not in checkpoint:
             raise ValueError(f"{resume_path}: not a train.py checkpoint")
-        saved = checkpoint["args"]
+        # flags left at their defaults take the checkpoint's values, so a bare --resume continues the same run
+        defaults = vars(get_args([]))
+        for key, value in checkpoint["args"].items():
+            if key not in RUN_ONLY_FLAGS and key in defaults and getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
         for key in ("arch", "backbone", "output_stride", "separable", "img_size"):  # the network must match
-            setattr(args, key, saved[key])
+            setattr(args, key, checkpoint["args"][key])
     if not checkpoint and not args.test_only and (output_dir / "last.pt").exists():
         if not args.force:
             raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "

@@ -92,7 +92,8 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
     train.main(tiny_args(demo_dir, tmp_path / "straight", *common))
     train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--stop-after", "2"))
     assert load(tmp_path / "stopped" / "last.pt")["epoch"] == 1
-    train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--resume"))
+    # a bare --resume: every other flag comes back from the checkpoint
+    train.main(["--resume", str(tmp_path / "stopped" / "last.pt")])
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "stopped" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
