@@ -384,7 +384,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     meta = {file_name, image_id, height, width} of the original image."""
 
     def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False,
-                 full_mask=False):
+                 full_mask=False, with_masks=True):
         self.coco = coco
         self.full_mask = full_mask  # validation: resize the image only, score against the original-size mask
         self.transform = build_transform(aug, img_size)
@@ -393,7 +393,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.cache = MaskCache(mask_cache) if mask_cache else None
         self.copy_paste = copy_paste
         self.skip_bad = skip_bad
-        self.labeled = coco.labeled
+        self.labeled = coco.labeled and with_masks  # with_masks=False: images only, even from a labeled JSON
 
     def __len__(self):
         return len(self.coco)

@@ -243,8 +243,7 @@ def run(args):
     labeled = args.eval and coco.labeled
     out_dir = prepare_output_dir(args.output_dir or Path("preds") / ckpt_path.parent.name, args.force)
     cache = None if args.mask_cache == "none" else args.mask_cache
-    dataset = SegmentationDataset(coco, img_size, "none", mask_cache=cache, full_mask=True)
-    dataset.labeled = labeled  # masks are read only when they are scored
+    dataset = SegmentationDataset(coco, img_size, "none", mask_cache=cache, full_mask=True, with_masks=labeled)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate)
     print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({ckpt['args']['arch']}/"
