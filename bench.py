@@ -13,6 +13,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import statistics
 import tempfile
 import time
@@ -131,28 +132,44 @@ def timed_rates(steppers, batch_size, steps, repeats, device):
 
 
 def peak_memory_mb(impl, arch, backbone, variant, args):
-    """Peak memory of a few training steps of one configuration in a fresh process (CPU: rise of max RSS over
-    the process after imports; CUDA: max allocated), so configurations do not inherit each other's peaks."""
+    """Peak memory of a few training steps of one configuration in a fresh process (CPU: peak resident memory
+    above the level after imports; CUDA: max allocated), so configurations do not inherit each other's peaks."""
     cmd = [sys.executable, __file__, "--_memory", impl, arch, backbone, variant, "--img-size", str(args.img_size),
            "-b", str(args.batch_size), "--num-classes", str(args.num_classes)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
 
 
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
 def memory_child(args):
     impl, arch, backbone, variant = args._memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # ru_maxrss never falls, and importing torch alone sets a high one: measure the rise over that baseline
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     dtype, channels_last = VARIANTS[variant]
+    # ru_maxrss is useless here (importing the CUDA build of torch already peaks higher), so sample the current
+    # RSS in a thread while the steps run and report its peak over the level before the network was built
+    baseline = current_rss_mb()
+    peak, done = [baseline], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss_mb())
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, dtype, channels_last,
                          args.img_size, args.batch_size, args.num_classes)
     for _ in range(3):
         step()
+    done.set()
+    sampler.join()
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated() / 2 ** 20)
     else:
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
+        print(peak[0] - baseline)
 
 
 def bench_train(args, device):
