@@ -247,8 +247,7 @@ class MaskCache:
         file = self.dir / key[:2] / f"{key}.png"
         if file.is_file():
             try:
-                with Image.open(file) as im:
-                    return np.array(im)
+                return read_mask(file)
             except OSError:
                 pass  # a damaged cache file is rebuilt below
         mask = paint_mask(image, anns, cat_to_class)
@@ -257,6 +256,12 @@ class MaskCache:
         Image.fromarray(mask, "L").save(tmp, format="PNG", compress_level=1)
         os.replace(tmp, file)  # atomic: loader workers never see half a file
         return mask
+
+
+def read_mask(file):
+    """uint8 HxW array of a single-channel (or palette) PNG of class ids."""
+    with Image.open(file) as im:
+        return np.array(im)
 
 
 def read_image(file):
@@ -410,8 +415,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if "mask_file" in img:  # a pseudo label: a mask PNG beside the JSON (predict.py --pseudo)
             mask_file = self.coco.json_path.parent / img["mask_file"]
             try:
-                with Image.open(mask_file) as im:
-                    mask = np.array(im)
+                mask = read_mask(mask_file)
             except OSError as e:
                 raise DataError(f"mask file {mask_file} cannot be read: {e}") from None
             if mask.shape != (img["height"], img["width"]):
@@ -456,9 +460,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def collate_full_masks(batch):
-    """Batch for full_mask datasets: images stacked, masks (of differing sizes) and metas as lists."""
-    images, masks, metas = zip(*batch)
-    return torch.stack(images), list(masks), list(metas)
+    """Batch for full_mask datasets: images stacked; masks (of differing sizes; None for unlabeled items) and
+    metas as lists."""
+    masks = [item[1] if len(item) == 3 else None for item in batch]
+    return torch.stack([item[0] for item in batch]), masks, [item[-1] for item in batch]
 
 
 # ----------------------------------------------------------------------------- demo data

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, SegmentationDataset, default_cache_dir, load_coco, write_json
-from predict import (PredictError, csv_row, finish, load_mask, mask_name, prepare_output_dir,
+from data import DataError, SegmentationDataset, default_cache_dir, load_coco, read_mask, write_json
+from predict import (PredictError, csv_row, finish, mask_name, prepare_output_dir,
                      write_submission)
 
 
@@ -176,7 +176,7 @@ def run(args):
             probs = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)) / total
             pred = probs.argmax(0).to(torch.uint8).numpy()
         else:
-            masks = [load_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
+            masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
             tie = None
             if soft_possible:
                 tie = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)).numpy()

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import DataError, SegmentationDataset, default_cache_dir, load_coco, overlay, palette, read_image, write_json
+from data import (DataError, SegmentationDataset, collate_full_masks, default_cache_dir, load_coco, overlay, palette,
+                  read_image, write_json)
 from model import ModelError, build_model, load_state_file
 from train import autocast, confusion_matrix, metrics_table, segmentation_metrics
 
@@ -59,11 +60,6 @@ def save_mask(mask, path, class_names):
     flat = [v for color in palette(class_names) for v in color]
     image.putpalette(flat + [0] * (768 - len(flat)))
     image.save(path)
-
-
-def load_mask(path):
-    with Image.open(path) as im:
-        return np.array(im)
 
 
 def csv_row(file_name, mask, csv_size):
@@ -194,12 +190,6 @@ def find_checkpoint():
     raise PredictError(f"{len(found)} runs have a best.pt ({', '.join(map(str, found[:5]))}); choose one with --ckpt")
 
 
-def collate(batch):
-    images = torch.stack([b[0] for b in batch])
-    masks = [b[1] for b in batch] if len(batch[0]) == 3 else [None] * len(batch)
-    return images, masks, [b[-1] for b in batch]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="default: the only runs/*/best.pt")
@@ -245,7 +235,7 @@ def run(args):
     cache = None if args.mask_cache == "none" else args.mask_cache
     dataset = SegmentationDataset(coco, img_size, "none", mask_cache=cache, full_mask=True, with_masks=labeled)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate)
+                                         collate_fn=collate_full_masks)
     print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({ckpt['args']['arch']}/"
           f"{ckpt['args']['backbone']}, {img_size} px, tta {'flips' if args.tta else 'off'}, "
           f"scales {args.scales}) -> {out_dir}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import ensemble
 import predict
 import train
@@ -53,7 +54,7 @@ def test_submission_csv_format(demo_dir, run_dirs, tmp_path):
         assert all(0 <= int(v) <= 10 for v in set(ids))
     manifest = json.loads((out / "predictions.json").read_text())
     first = manifest["images"][0]
-    mask = predict.load_mask(out / first["mask"])
+    mask = data.read_mask(out / first["mask"])
     assert mask.shape == (first["height"], first["width"])  # original size
     probs = np.load(out / first["probs"])
     assert probs.dtype == np.float16 and probs.shape == (11, 256, 256)
@@ -161,7 +162,7 @@ def test_soft_voting_is_the_weighted_average(demo_dir, run_dirs, tmp_path):
         avg = (3 * ensemble.load_probs({"path": pa, "images": {entry["file_name"]: entry}}, entry["file_name"], h, w)
                + ensemble.load_probs({"path": pb, "images": {entry["file_name"]: dict(entry)}}, entry["file_name"], h, w)) / 4
         expected = avg.argmax(0).numpy()
-        assert np.array_equal(predict.load_mask(out / entry["mask"]), expected)
+        assert np.array_equal(data.read_mask(out / entry["mask"]), expected)
     assert len(read_csv(out / "submission.csv")) == 1 + len(manifest["images"])
 
     hard = tmp_path / "hard"
