@@ -4,6 +4,7 @@ side with segmentation_models_pytorch (pip install -r requirements-bench.txt), i
     python bench.py                                            # all sections, camvid when ../shared is there
     python bench.py --sections train infer --archs deeplabv3plus unet --backbones resnet18 --img-size 256 -b 4 --peer smp
     python bench.py --sections loader --img-size 512 --workers 2
+    python bench.py --profile --archs deeplabv3plus --backbones resnet18 --img-size 256 -b 4 --peer smp --steps 3
 """
 import argparse
 import copy
@@ -48,7 +49,7 @@ def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
 
 
 def bench_loader(args):
-    coco = load_coco(args.data_dir, args.json)
+    coco = load_coco(args.data_dir, args.train_json)
     rows = []
     cache_dir = Path(tempfile.mkdtemp(prefix="bench_mask_cache_"))
     try:
@@ -206,6 +207,59 @@ def bench_train(args, device):
     return rows
 
 
+def module_ranges(net, depth=2):
+    """Forward-pass profiler ranges for the network's parts (children, and grandchildren outside the encoder),
+    so the profile says which part of the network the time goes to, not only which kernels."""
+    parts = [(name, m) for name, m in net.named_modules() if name and name.count(".") < depth
+             and not (name.count(".") == 1 and name.split(".")[0] == "encoder")]
+    for name, module in parts:
+        def enter(mod, inputs, name=name):
+            mod._bench_range = torch.profiler.record_function(f"part: {name}")
+            mod._bench_range.__enter__()
+
+        def leave(mod, inputs, output):
+            mod._bench_range.__exit__(None, None, None)
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+def profile_train(args, device):
+    """torch.profiler over a few training steps of each network in its train.py default precision/format:
+    forward time per part of the network, then the costliest operators by input shape (forward and backward)."""
+    impls = ["ours"] + ([args.peer] if args.peer else [])
+    for arch in args.archs:
+        for backbone in args.backbones:
+            for impl in impls:
+                variant = "fp32+cl" if impl == "ours" else "fp32"
+                net = make_net(impl, arch, backbone, args.num_classes)
+                module_ranges(net)
+                dtype, cl = VARIANTS[variant]
+                step = train_stepper(net, device, dtype, cl, args.img_size, args.batch_size, args.num_classes)
+                step()
+                activities = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+                    for _ in range(args.steps):
+                        step()
+                events = prof.key_averages()
+                total = sum(e.self_cpu_time_total for e in events)
+                print(f"\n### profile: {impl} {arch}/{backbone} {variant}, {args.img_size}px, batch {args.batch_size}, "
+                      f"{args.steps} steps, {total / 1e3 / args.steps:.0f} ms CPU per step")
+                print("\n| part (forward only) | ms per step | share of step |\n|---|---|---|")
+                for e in sorted((e for e in events if e.key.startswith("part: ")),
+                                key=lambda e: -e.cpu_time_total):
+                    print(f"| {e.key[6:]} | {e.cpu_time_total / 1e3 / args.steps:.1f} | "
+                          f"{100 * e.cpu_time_total / total:.1f}% |")
+                print("\n| operator | input shapes | ms per step | share |\n|---|---|---|---|")
+                by_shape = prof.key_averages(group_by_input_shape=True)
+                top = sorted((e for e in by_shape if not e.key.startswith("part: ")),
+                             key=lambda e: -e.self_cpu_time_total)[:args.profile_rows]
+                for e in top:
+                    shapes = str(e.input_shapes)[:70]
+                    print(f"| {e.key} | {shapes} | {e.self_cpu_time_total / 1e3 / args.steps:.1f} | "
+                          f"{100 * e.self_cpu_time_total / total:.1f}% |")
+
+
 def bench_infer(args, device):
     impls = ["ours"] + ([args.peer] if args.peer else [])
     dtype, cl = (torch.float16, True) if device.type == "cuda" else (None, True)
@@ -229,12 +283,24 @@ def bench_infer(args, device):
     return rows
 
 
+def describe_machine(device):
+    """CPU model, cores, bf16 support (or the GPU), torch version: figures only mean something with these."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    text = (f"{platform.machine()} {model}, {torch.get_num_threads()} torch threads, "
+            f"avx512_bf16={'avx512_bf16' in info}, amx_bf16={'amx_bf16' in info}, torch {torch.__version__}")
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_data = Path(__file__).resolve().parent.parent / "shared" / "data" / "camvid"
     p.add_argument("--data-dir", default=str(default_data) if default_data.is_dir() else None,
                    help="default: ../shared/data/camvid when present, else a fresh demo set")
-    p.add_argument("--json", default="train_all.json")
+    p.add_argument("--train-json", default="train_all.json", help="the loader's COCO JSON")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
@@ -250,32 +316,43 @@ def main():
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="peak memory of each training configuration, in a fresh process")
     p.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
-    p.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: torch.profiler of the training step, by network part and operator")
+    p.add_argument("--profile-rows", type=int, default=15)
     args = p.parse_args()
     if args._memory:
         return memory_child(args)
     if args.data_dir is None and "loader" in args.sections:
         args.data_dir = str(make_demo(tempfile.mkdtemp(prefix="bench_demo_")))
     torch.manual_seed(0)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}; data {args.data_dir}, {args.img_size}px, batch {args.batch_size}, "
-          f"{args.workers} workers; median of {args.repeats} x {args.batches} batches")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-        print(f"cpu flags: avx512_bf16={'avx512_bf16' in flags}, amx_bf16={'amx_bf16' in flags}")
-    results = {}
+    machine = describe_machine(device)
+    print(f"machine: {machine}; data {args.data_dir}, {args.img_size}px, batch {args.batch_size}, "
+          f"{args.workers} workers; loader: median of {args.repeats} x {args.batches} batches, networks: median of "
+          f"{args.repeats} x {args.steps} steps after 2 warm-up steps")
+    if args.profile:
+        return profile_train(args, device)
+    results = {"machine": machine, "args": {k: v for k, v in vars(args).items() if k != "_memory"}}
     if "loader" in args.sections:
         print("\n| preset | mask cache | loader samples/s |\n|---|---|---|")
         rows, fill_s = bench_loader(args)
-        print(f"\nfilling the mask cache once took {fill_s:.1f} s for {len(load_coco(args.data_dir, args.json))} images")
+        print(f"\nfilling the mask cache once took {fill_s:.1f} s for {len(load_coco(args.data_dir, args.train_json))} images")
         results.update(loader=rows, cache_fill_s=fill_s)
     if "train" in args.sections:
         results["train"] = bench_train(args, device)
     if "infer" in args.sections:
         results["infer"] = bench_infer(args, device)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
+    if "loader" in args.sections and "train" in args.sections:
+        # the loader must outrun the fastest training step, or the GPU/CPU waits for data
+        fastest = max(r["train_images_per_s"] for r in results["train"] if r["impl"] == "ours")
+        print()
+        for row in results["loader"]:
+            row["vs_fastest_train_step"] = row["samples_per_s"] / fastest
+            print(f"loader {row['preset']} (mask cache {'yes' if row['mask_cache'] else 'no'}) delivers "
+                  f"{row['vs_fastest_train_step']:.1f}x the fastest training step ({fastest:.2f} images/s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

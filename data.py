@@ -588,7 +588,7 @@ def summarize(coco):
     images_with = (pixels[:, :] > 0).sum(0)
     total = pixels.sum(0)
     share = total / max(1, total.sum())
-    weights = {m: class_weights(total, m) for m in WEIGHT_METHODS}
+    weights = {m: class_weights(pixels, m) for m in WEIGHT_METHODS}  # per-image counts, as train.py passes them
     lines = [f"{coco.json_path}: {len(coco.images)} images, {sum(len(a) for a in coco.anns_by_image.values())} "
              f"annotations, {len(coco.class_names)} classes",
              f"image sizes: width {min(widths, default=0)}-{max(widths, default=0)}, "

@@ -88,7 +88,8 @@ def get_args(argv=None):
     p.add_argument("--arch", default="deeplabv3plus", choices=ARCHS)
     p.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
-    p.add_argument("--separable", action="store_true", help="depthwise-separable convs in the DeepLabV3+ head")
+    p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
+                   help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",

@@ -271,3 +271,14 @@ def test_summary_and_overlays_from_the_command_line(demo_dir, tmp_path):
     bad = subprocess.run([sys.executable, "data.py", "--data-dir", str(tmp_path), "--json", "missing.json"],
                          capture_output=True, text=True, cwd=data.__file__.rsplit("/", 1)[0])
     assert bad.returncode != 0 and "missing.json: file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_summary_weights_are_the_ones_training_uses(demo_dir):
+    from losses import WEIGHT_METHODS, class_weights
+    coco = data.load_coco(demo_dir, "train_all.json")
+    rows = [line.split() for line in data.summarize(coco).splitlines() if line[:2].strip().isdigit()]
+    assert len(rows) == len(coco.class_names)
+    for m_index, method in enumerate(WEIGHT_METHODS):
+        used = class_weights(data.pixel_counts(coco), method)  # what train.py --class-weights computes
+        shown = [float(row[len(row) - len(WEIGHT_METHODS) + m_index]) for row in rows]
+        assert shown == pytest.approx(used.tolist(), abs=1e-3), method

@@ -54,10 +54,19 @@ def test_aspp_rates_follow_the_output_stride():
     assert rates(build_model("deeplabv3plus", "resnet18", 3, output_stride=8)) == [12, 24, 36]
 
 
-def test_separable_option_uses_depthwise_convs():
-    net = build_model("deeplabv3plus", "resnet18", 3, separable=True)
-    assert any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in net.refine.modules())
+def test_deeplab_head_is_separable_by_default_and_full_on_request():
+    def depthwise(net):
+        return [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    net = build_model("deeplabv3plus", "resnet18", 3, verbose=False)
+    # ASPP's three atrous branches and both refinement convs
+    assert len(depthwise(net.aspp)) == 3 and len(depthwise(net.refine)) == 2
+    for block in net.refine:  # depthwise feeds the pointwise conv directly, no norm/activation between
+        assert isinstance(block[0], torch.nn.Conv2d) and block[0].groups > 1
+        assert isinstance(block[1], torch.nn.Conv2d) and block[1].kernel_size == (1, 1)
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    full = build_model("deeplabv3plus", "resnet18", 3, separable=False, verbose=False)
+    assert not depthwise(full.aspp) and not depthwise(full.refine)
+    assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in net.parameters())
 
 
 def test_whole_model_weights_round_trip(tmp_path):

@@ -79,6 +79,10 @@ def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
     # and a network that is not flip-equivariant is changed by it: TTA really ran
     net3 = torch.nn.Conv2d(3, 5, 3, padding=1).eval()
     assert not torch.allclose(predict.predict_probs(net3, images, 16), predict.predict_probs(net3, images, 16, True))
+    with torch.no_grad():  # the mean of the three views, each flipped back
+        by_hand = (net3(images).softmax(1) + net3(images.flip(-1)).softmax(1).flip(-1)
+                   + net3(images.flip(-2)).softmax(1).flip(-2)) / 3
+    assert torch.allclose(predict.predict_probs(net3, images, 16, True, channels_last=True), by_hand, atol=1e-6)
     multi = predict.predict_probs(net, images, 16, tta=True, scales=(0.5, 1.0, 1.5))
     assert multi.shape == (3, 5, 16, 16) and torch.allclose(multi.sum(1), torch.ones(3, 16, 16), atol=1e-5)
 
@@ -137,6 +141,24 @@ def test_checkpoint_of_another_shape_is_a_clear_error(run_dirs, tmp_path):
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(PredictError, match="do not fit unet/resnet18 with 5 classes"):
         predict.load_checkpoint_model(tmp_path / "bad.pt", torch.device("cpu"))
+
+
+def test_per_image_iou_on_crafted_masks():
+    from predict import per_image_iou
+    target = np.array([[0, 0, 1, 1],
+                       [0, 0, 1, 1],
+                       [0, 0, 255, 255],
+                       [0, 0, 0, 0]])
+    pred = np.array([[0, 0, 1, 3],
+                     [0, 1, 1, 3],
+                     [0, 0, 3, 1],  # predictions on ignored pixels count for nothing
+                     [0, 0, 0, 0]])
+    ious, mean = per_image_iou(pred, target, 4)
+    # class 0: 9 of 10 hit, no false positive -> 9/10; class 1: 2 of 4 hit, 1 false positive -> 2/5;
+    # class 2 in neither -> NaN, left out of the mean; class 3 predicted only -> IoU 0, counted
+    assert ious[0] == pytest.approx(0.9) and ious[1] == pytest.approx(0.4)
+    assert np.isnan(ious[2]) and ious[3] == 0
+    assert mean == pytest.approx((0.9 + 0.4 + 0) / 3)
 
 
 def test_hard_voting_on_crafted_masks():
