@@ -543,11 +543,25 @@ def _uncompressed_rle(bitmap):
     return {"size": list(bitmap.shape), "counts": [int(c) for c in counts]}
 
 
-def write_json(path, obj):
+def to_json(obj, indent=None):
+    """Standard JSON (NaN and infinities, e.g. the IoU of a class absent from a set, become null), so jq and
+    other strict readers accept every file the pipeline writes."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path, obj, indent=None):
     """Atomic: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
+    tmp.write_text(to_json(obj, indent))
     os.replace(tmp, path)
 
 

@@ -10,7 +10,6 @@ Defaults are a GPU recipe for 512x512 photos; README gives a CPU-sized command.
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from data import (AUG_PRESETS, CopyPaste, DataError, SegmentationDataset, collate_full_masks, default_cache_dir,
-                  load_coco, pixel_counts)
+                  load_coco, pixel_counts, to_json, write_json)
 from losses import IGNORE_INDEX, WEIGHT_METHODS, build_loss, class_weights
 from model import ARCHS, BACKBONES, ModelError, build_model, load_state_file
 
@@ -228,7 +227,7 @@ class Logger:
     def log(self, record):
         if self.rank == 0 and self.file:
             with open(self.file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(to_json(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -300,7 +299,7 @@ def run(args, rank, world, device):
             (output_dir / "log.jsonl").unlink(missing_ok=True)
     if rank == 0 and not args.test_only:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(vars(args), indent=1))
+        write_json(output_dir / "config.json", vars(args), indent=1)
     log = Logger(None if args.test_only else output_dir, rank)
 
     # data: the class list comes from the training JSON (or the checkpoint), other JSONs map onto it by name
@@ -348,7 +347,7 @@ def run(args, rank, world, device):
         if not val_loader:
             raise ValueError("--test-only needs a validation JSON")
         metrics, _ = validate(checkpoint["epoch"] if checkpoint else 0)
-        log.print(json.dumps({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
+        log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
         return metrics
 
     # training data
@@ -485,8 +484,8 @@ def run(args, rank, world, device):
             if improved or val_loader is None:
                 save_checkpoint(state, output_dir / "best.pt")
             if improved:
-                (output_dir / "best_metrics.json").write_text(json.dumps(
-                    dict(metrics, epoch=epoch, confusion=confusion.tolist()), indent=1))
+                write_json(output_dir / "best_metrics.json",
+                           dict(metrics, epoch=epoch, confusion=confusion.tolist()), indent=1)
     best = f"best mIoU {best_miou:.4f}" if best_miou >= 0 else "no validation"
     log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
 

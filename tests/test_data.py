@@ -282,3 +282,13 @@ def test_summary_weights_are_the_ones_training_uses(demo_dir):
         used = class_weights(data.pixel_counts(coco), method)  # what train.py --class-weights computes
         shown = [float(row[len(row) - len(WEIGHT_METHODS) + m_index]) for row in rows]
         assert shown == pytest.approx(used.tolist(), abs=1e-3), method
+
+
+def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
+    metrics = {"mIoU": 0.5, "per_class": {"Glass": {"IoU": float("nan")}}, "x": [float("inf"), 1.0]}
+    data.write_json(tmp_path / "m.json", metrics)
+
+    def reject(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    back = json.loads((tmp_path / "m.json").read_text(), parse_constant=reject)
+    assert back == {"mIoU": 0.5, "per_class": {"Glass": {"IoU": None}}, "x": [None, 1.0]}

@@ -76,10 +76,11 @@ def test_lr_schedules_warm_up_and_decay():
 def test_tiny_model_overfits_the_tiny_set(demo_dir, tmp_path):
     out = tmp_path / "run"
     train.main(tiny_args(demo_dir, out, "--epochs", "12", "--aug", "none", "--val-every", "12"))
-    metrics = json.loads((out / "best_metrics.json").read_text())
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in a JSON output")}  # NaN must be null
+    metrics = json.loads((out / "best_metrics.json").read_text(), **strict)
     chance = 1 / 11
     assert metrics["mIoU"] > 4 * chance, metrics["mIoU"]
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line, **strict) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.6 * losses[0]
     assert json.loads((out / "config.json").read_text())["arch"] == "unet"
