@@ -6,7 +6,8 @@ ensembling, overlays, metrics, pseudo labels.
     python predict.py --ckpt runs/x/best.pt --json test.json --pseudo --output-dir preds/pseudo   # for train.py --pseudo
 
 Output dir (default preds/<run name>): submission.csv, masks/ (palette PNGs, pixel value = class id, original
-size), probs/ (float16 class probabilities at --prob-size, .npy), predictions.json (what ensemble.py reads), and
+size), probs/ (float16 class probabilities, .npy, at each image's own size unless --prob-size caps the longer
+side), predictions.json (what ensemble.py reads), and
 with --eval metrics.json + per_image.csv, with --vis N vis/, with --pseudo pseudo.json.
 """
 import argparse
@@ -155,6 +156,14 @@ def load_checkpoint_model(path, device):
     return model.to(device).eval(), ckpt
 
 
+def prob_shape(height, width, max_side):
+    """Shape of a saved probability map: the image's own, or shrunk (aspect kept) so its longer side is max_side."""
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 @torch.no_grad()
 def predict_probs(model, images, img_size, tta=False, scales=(1.0,), amp=False, channels_last=False):
     """Softmax probabilities (N, C, img_size, img_size), averaged over scales and, with tta, over identity,
@@ -202,7 +211,9 @@ def main(argv=None):
     p.add_argument("--tta", action="store_true", help="average over identity, horizontal and vertical flips")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA, e.g. 0.75 1.0 1.25")
     p.add_argument("--csv-size", type=int, default=256)
-    p.add_argument("--prob-size", type=int, default=256)
+    p.add_argument("--prob-size", type=int, default=0, metavar="N",
+                   help="save probs/ with the longer side at most N, aspect kept, to save disk (0: each image's "
+                        "own size)")
     p.add_argument("--no-probs", action="store_true", help="do not write probs/ (then ensembles vote hard)")
     p.add_argument("--eval", action="store_true", help="score against the JSON's annotations")
     p.add_argument("--vis", type=int, default=0, metavar="N", help="overlays of N images (worst first with --eval)")
@@ -251,8 +262,9 @@ def run(args):
             entry = {"file_name": meta["file_name"], "height": meta["height"], "width": meta["width"],
                      "mask": "masks/" + mask_name(meta["file_name"])}
             if not args.no_probs:
-                small = F.interpolate(prob[None], size=(args.prob_size, args.prob_size), mode="bilinear",
-                                      align_corners=False)[0]
+                shape = prob_shape(meta["height"], meta["width"], args.prob_size)
+                small = full if shape == tuple(full.shape[1:]) else F.interpolate(
+                    prob[None], size=shape, mode="bilinear", align_corners=False)[0]
                 entry["probs"] = "probs/" + str(Path(meta["file_name"]).with_suffix(".npy"))
                 (out_dir / entry["probs"]).parent.mkdir(parents=True, exist_ok=True)
                 np.save(out_dir / entry["probs"], small.cpu().numpy().astype(np.float16))

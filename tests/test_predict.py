@@ -56,9 +56,20 @@ def test_submission_csv_format(demo_dir, run_dirs, tmp_path):
     first = manifest["images"][0]
     mask = data.read_mask(out / first["mask"])
     assert mask.shape == (first["height"], first["width"])  # original size
-    probs = np.load(out / first["probs"])
-    assert probs.dtype == np.float16 and probs.shape == (11, 256, 256)
-    assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+    assert len({(e["height"], e["width"]) for e in manifest["images"]}) > 1  # the demo mixes sizes
+    for entry in manifest["images"]:  # probabilities come back at each image's own size
+        probs = np.load(out / entry["probs"])
+        assert probs.dtype == np.float16 and probs.shape == (11, entry["height"], entry["width"])
+        assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+        assert (probs.argmax(0) == data.read_mask(out / entry["mask"])).mean() > 0.99
+
+
+def test_prob_size_caps_the_longer_side_keeping_aspect():
+    assert predict.prob_shape(270, 480, 0) == (270, 480)
+    assert predict.prob_shape(270, 480, 1000) == (270, 480)  # never enlarged
+    assert predict.prob_shape(270, 480, 240) == (135, 240)
+    assert predict.prob_shape(360, 480, 256) == (192, 256)
+    assert predict.prob_shape(512, 512, 256) == (256, 256)
 
 
 def test_csv_row_is_nearest_resized_row_major():
