@@ -263,11 +263,11 @@ def run(args):
                      "mask": "masks/" + mask_name(meta["file_name"])}
             if not args.no_probs:
                 shape = prob_shape(meta["height"], meta["width"], args.prob_size)
-                small = full if shape == tuple(full.shape[1:]) else F.interpolate(
+                saved = full if shape == tuple(full.shape[1:]) else F.interpolate(
                     prob[None], size=shape, mode="bilinear", align_corners=False)[0]
                 entry["probs"] = "probs/" + str(Path(meta["file_name"]).with_suffix(".npy"))
                 (out_dir / entry["probs"]).parent.mkdir(parents=True, exist_ok=True)
-                np.save(out_dir / entry["probs"], small.cpu().numpy().astype(np.float16))
+                np.save(out_dir / entry["probs"], saved.cpu().numpy().astype(np.float16))
             manifest.append(entry)
             results.append((meta["file_name"], pred, None if mask is None else mask.numpy()))
     seconds = time.perf_counter() - t0
