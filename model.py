@@ -176,9 +176,9 @@ class ASPP(nn.Module):
 
 class DeepLabV3Plus(nn.Module):
     """Chen et al. 2018: ASPP on the deepest features, upsampled and fused with stride-4 features projected to 48
-    channels, two 3x3 refinement convs, 1x1 classifier, logits upsampled to the input size."""
+    channels, 3x3 refinement convs (the paper: two; SMP: one), 1x1 classifier, logits upsampled to the input."""
 
-    def __init__(self, encoder, num_classes, separable=True):
+    def __init__(self, encoder, num_classes, separable=True, decoder_convs=2):
         super().__init__()
         self.encoder = encoder
         base = (6, 12, 18)  # the paper's rates at output stride 16; doubled at 8, halved at 32
@@ -186,8 +186,10 @@ class DeepLabV3Plus(nn.Module):
         self.low_index = encoder.strides.index(4)
         self.aspp = ASPP(encoder.channels[-1], 256, rates, separable)
         self.low_project = conv_bn_relu(encoder.channels[self.low_index], 48, 1)
-        self.refine = nn.Sequential(conv_bn_relu(256 + 48, 256, 3, separable=separable),
-                                    conv_bn_relu(256, 256, 3, separable=separable))
+        if decoder_convs < 1:
+            raise ModelError(f"DeepLabV3+ needs at least 1 decoder conv, not {decoder_convs}")
+        self.refine = nn.Sequential(*[conv_bn_relu(256 + 48 if i == 0 else 256, 256, 3, separable=separable)
+                                      for i in range(decoder_convs)])
         self.classifier = nn.Conv2d(256, num_classes, 1)
 
     def forward(self, x):
@@ -235,7 +237,7 @@ class UNet(nn.Module):
 
 
 def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, output_stride=None,
-                separable=True, verbose=True):
+                separable=True, decoder_convs=2, verbose=True):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
@@ -245,7 +247,7 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, 
         output_stride = 16 if arch == "deeplabv3plus" and BACKBONES[backbone][1] else 32
     encoder = Encoder(backbone, pretrained=pretrained and weights is None, output_stride=output_stride)
     if arch == "deeplabv3plus":
-        model = DeepLabV3Plus(encoder, num_classes, separable)
+        model = DeepLabV3Plus(encoder, num_classes, separable, decoder_convs)
     else:
         model = UNet(encoder, num_classes)
     if weights:

@@ -147,7 +147,8 @@ def load_checkpoint_model(path, device):
         raise PredictError(f"{path}: not a train.py checkpoint (no 'model' and 'args')")
     a = ckpt["args"]
     model = build_model(a["arch"], a["backbone"], len(ckpt["class_names"]), pretrained=False,
-                        output_stride=a.get("output_stride"), separable=a.get("separable", False), verbose=False)
+                        output_stride=a.get("output_stride"), separable=a.get("separable", False),
+                        decoder_convs=a.get("decoder_convs", 2), verbose=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

@@ -89,6 +89,8 @@ def get_args(argv=None):
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
     p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
                    help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
+    p.add_argument("--decoder-convs", type=int, default=2,
+                   help="3x3 convs after the DeepLabV3+ decoder's fusion (the paper: 2, SMP: 1)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
@@ -291,6 +293,7 @@ def run(args, rank, world, device):
                 setattr(args, key, value)
         for key in ("arch", "backbone", "output_stride", "separable", "img_size"):  # the network must match
             setattr(args, key, checkpoint["args"][key])
+        args.decoder_convs = checkpoint["args"].get("decoder_convs", 2)  # older checkpoints: the paper's 2
     if not checkpoint and not args.test_only and (output_dir / "last.pt").exists():
         if not args.force:
             raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "
@@ -322,7 +325,7 @@ def run(args, rank, world, device):
 
     model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
                         weights=None if checkpoint else args.weights, output_stride=args.output_stride,
-                        separable=args.separable, verbose=rank == 0)
+                        separable=args.separable, decoder_convs=args.decoder_convs, verbose=rank == 0)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
         model.load_state_dict(checkpoint["model"])

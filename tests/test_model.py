@@ -69,6 +69,17 @@ def test_deeplab_head_is_separable_by_default_and_full_on_request():
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in net.parameters())
 
 
+def test_deeplab_decoder_conv_count():
+    two = build_model("deeplabv3plus", "resnet18", 3, verbose=False)
+    one = build_model("deeplabv3plus", "resnet18", 3, decoder_convs=1, verbose=False)
+    assert len(two.refine) == 2 and len(one.refine) == 1
+    assert one.refine[0][0].in_channels == 256 + 48  # the one conv takes the fused features
+    assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in two.parameters())
+    assert one(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ModelError, match="at least 1 decoder conv"):
+        build_model("deeplabv3plus", "resnet18", 3, decoder_convs=0, verbose=False)
+
+
 def test_whole_model_weights_round_trip(tmp_path):
     torch.manual_seed(0)
     net = build_model("unet", "resnet18", 4).eval()

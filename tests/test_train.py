@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import predict
 import train
+from model import build_model
 from train import confusion_matrix, segmentation_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +107,17 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
 def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
     out = tmp_path / "amp"
     train.main(tiny_args(demo_dir, out, "--epochs", "1", "--amp", "--loss", "focal+dice", "--class-weights", "log",
-                         "--copy-paste", "--aug", "strong", "--arch", "deeplabv3plus"))
+                         "--copy-paste", "--aug", "strong", "--arch", "deeplabv3plus", "--decoder-convs", "1"))
     ckpt = load(out / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert ckpt["args"]["amp"] and ckpt["args"]["loss"] == "focal+dice"
+    # the checkpoint rebuilds with its own decoder
+    assert len(predict.load_checkpoint_model(out / "last.pt", torch.device("cpu"))[0].refine) == 1
+    del ckpt["args"]["decoder_convs"]  # a checkpoint from before the flag: the paper's two convs
+    two = build_model("deeplabv3plus", "resnet18", len(ckpt["class_names"]), verbose=False)
+    ckpt["model"] = two.state_dict()
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert len(predict.load_checkpoint_model(tmp_path / "old.pt", torch.device("cpu"))[0].refine) == 2
 
 
 def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeypatch):
