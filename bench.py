@@ -25,6 +25,8 @@ import torch
 from data import SegmentationDataset, load_coco, make_demo
 from model import build_model
 from predict import predict_probs
+import train
+from train import build_optimizer
 
 
 def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
@@ -81,17 +83,21 @@ def make_net(impl, arch, backbone, num_classes):
 
 VARIANTS = {"fp32": (None, False), "fp32+cl": (None, True), "bf16": (torch.bfloat16, False),
             "bf16+cl": (torch.bfloat16, True), "fp16 (cuda)": (torch.float16, True)}
+USUAL = "usual: fp32, plain AdamW"  # the peer as its users usually train it: fp32, default format, torch's AdamW
 
 
-def train_stepper(net, device, dtype, channels_last, img_size, batch_size, num_classes):
-    """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch."""
+def train_stepper(net, device, dtype, channels_last, img_size, batch_size, num_classes, plain_adamw=False):
+    """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch. The
+    optimizer is train.py's (AdamW, fused where the device has it), or with plain_adamw torch's AdamW with its
+    defaults, as a script using SMP would usually write it."""
     net = net.to(device).train()
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size, img_size, img_size), device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = (torch.optim.AdamW(net.parameters(), lr=1e-4) if plain_adamw
+           else build_optimizer(net, train.get_args(["--lr", "1e-4"])))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
@@ -149,7 +155,7 @@ def current_rss_mb():
 def memory_child(args):
     impl, arch, backbone, variant = args._memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype, channels_last = VARIANTS[variant]
+    dtype, channels_last = VARIANTS["fp32"] if variant == USUAL else VARIANTS[variant]
     # ru_maxrss is useless here (importing the CUDA build of torch already peaks higher), so sample the current
     # RSS in a thread while the steps run and report its peak over the level before the network was built
     baseline = current_rss_mb()
@@ -162,7 +168,7 @@ def memory_child(args):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, dtype, channels_last,
-                         args.img_size, args.batch_size, args.num_classes)
+                         args.img_size, args.batch_size, args.num_classes, plain_adamw=variant == USUAL)
     for _ in range(3):
         step()
     done.set()
@@ -186,9 +192,12 @@ def bench_train(args, device):
             for impl in impls:
                 for variant in variants:
                     dtype, cl = VARIANTS[variant]
-
                     steppers[(impl, variant)] = train_stepper(copy.deepcopy(nets[impl]), device, dtype, cl,
                                                               args.img_size, args.batch_size, args.num_classes)
+            if args.peer:
+                steppers[(args.peer, USUAL)] = train_stepper(copy.deepcopy(nets[args.peer]), device, None, False,
+                                                             args.img_size, args.batch_size, args.num_classes,
+                                                             plain_adamw=True)
             rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
             for (impl, variant), rate in rates.items():
                 params = sum(p.numel() for p in nets[impl].parameters()) / 1e6
@@ -202,8 +211,8 @@ def bench_train(args, device):
                 for variant in variants:
                     print(f"ratio ours/{args.peer} {arch}/{backbone} {variant}: "
                           f"{rates[('ours', variant)] / rates[(args.peer, variant)]:.2f}")
-                print(f"ratio ours (default fp32+cl) / {args.peer} (usual fp32): "
-                      f"{ours_default / rates[(args.peer, 'fp32')]:.2f}")
+                print(f"ratio ours (train.py defaults: fp32+cl, fused AdamW) / {args.peer} ({USUAL}): "
+                      f"{ours_default / rates[(args.peer, USUAL)]:.2f}")
     return rows
 
 
@@ -224,17 +233,18 @@ def module_ranges(net, depth=2):
 
 
 def profile_train(args, device):
-    """torch.profiler over a few training steps of each network in its train.py default precision/format:
+    """torch.profiler over a few training steps of ours with train.py's defaults and the peer used the usual way:
     forward time per part of the network, then the costliest operators by input shape (forward and backward)."""
     impls = ["ours"] + ([args.peer] if args.peer else [])
     for arch in args.archs:
         for backbone in args.backbones:
             for impl in impls:
-                variant = "fp32+cl" if impl == "ours" else "fp32"
+                variant = "fp32+cl" if impl == "ours" else USUAL
                 net = make_net(impl, arch, backbone, args.num_classes)
                 module_ranges(net)
-                dtype, cl = VARIANTS[variant]
-                step = train_stepper(net, device, dtype, cl, args.img_size, args.batch_size, args.num_classes)
+                dtype, cl = VARIANTS["fp32+cl" if impl == "ours" else "fp32"]
+                step = train_stepper(net, device, dtype, cl, args.img_size, args.batch_size, args.num_classes,
+                                     plain_adamw=impl != "ours")
                 step()
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -1,0 +1,41 @@
+"""bench.py is not a timed test: these only check that it runs end to end and writes every figure it promises."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--archs", "unet", "--img-size", "32", "-b", "2", "--steps", "1", "--repeats", "1", "--batches", "2",
+        "--workers", "0", "--no-memory"]
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), *TINY, *args, "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_bench_writes_loader_train_and_inference_figures(demo_dir, tmp_path):
+    result, stdout = run_bench(tmp_path, "--data-dir", str(demo_dir))
+    assert "machine:" in stdout and result["machine"]
+    assert {(r["preset"], r["mask_cache"]) for r in result["loader"]} == {
+        ("none", False), ("none", True), ("strong", False), ("strong", True)}
+    assert {r["variant"] for r in result["train"]} == {"fp32", "fp32+cl", "bf16", "bf16+cl"}
+    assert {r["tta"] for r in result["infer"]} == {"plain", "flip TTA", "flips + 3 scales"}
+    rates = [r["samples_per_s"] for r in result["loader"]] + [r["train_images_per_s"] for r in result["train"]]
+    assert all(rate > 0 for rate in rates)
+    assert all(r["vs_fastest_train_step"] > 0 for r in result["loader"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("segmentation_models_pytorch") is None,
+                    reason="the peer is a benchmark-only dependency (requirements-bench.txt)")
+def test_bench_peer_rows_include_the_usual_setting(tmp_path):
+    result, stdout = run_bench(tmp_path, "--sections", "train", "--peer", "smp")
+    peer = {r["variant"] for r in result["train"] if r["impl"] == "smp"}
+    assert peer == {"fp32", "fp32+cl", "bf16", "bf16+cl", "usual: fp32, plain AdamW"}
+    assert "ratio ours (train.py defaults" in stdout
