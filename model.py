@@ -176,9 +176,10 @@ class ASPP(nn.Module):
 
 class DeepLabV3Plus(nn.Module):
     """Chen et al. 2018: ASPP on the deepest features, upsampled and fused with stride-4 features projected to 48
-    channels, 3x3 refinement convs (the paper: two; SMP: one), 1x1 classifier, logits upsampled to the input."""
+    channels, 3x3 refinement convs, 1x1 classifier, logits upsampled to the input. One refinement conv by default,
+    as SMP: the paper's two gave the same camvid mIoU (52.18 vs 52.16) and cost 11-13% of the forward time."""
 
-    def __init__(self, encoder, num_classes, separable=True, decoder_convs=2):
+    def __init__(self, encoder, num_classes, separable=True, decoder_convs=1):
         super().__init__()
         self.encoder = encoder
         base = (6, 12, 18)  # the paper's rates at output stride 16; doubled at 8, halved at 32
@@ -237,7 +238,7 @@ class UNet(nn.Module):
 
 
 def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, output_stride=None,
-                separable=True, decoder_convs=2, verbose=True):
+                separable=True, decoder_convs=1, verbose=True):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")

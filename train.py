@@ -89,8 +89,8 @@ def get_args(argv=None):
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
     p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
                    help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
-    p.add_argument("--decoder-convs", type=int, default=2,
-                   help="3x3 convs after the DeepLabV3+ decoder's fusion (the paper: 2, SMP: 1)")
+    p.add_argument("--decoder-convs", type=int, default=1,
+                   help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",

@@ -58,8 +58,8 @@ def test_deeplab_head_is_separable_by_default_and_full_on_request():
     def depthwise(net):
         return [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     net = build_model("deeplabv3plus", "resnet18", 3, verbose=False)
-    # ASPP's three atrous branches and both refinement convs
-    assert len(depthwise(net.aspp)) == 3 and len(depthwise(net.refine)) == 2
+    # ASPP's three atrous branches and the refinement conv
+    assert len(depthwise(net.aspp)) == 3 and len(depthwise(net.refine)) == 1
     for block in net.refine:  # depthwise feeds the pointwise conv directly, no norm/activation between
         assert isinstance(block[0], torch.nn.Conv2d) and block[0].groups > 1
         assert isinstance(block[1], torch.nn.Conv2d) and block[1].kernel_size == (1, 1)
@@ -70,8 +70,8 @@ def test_deeplab_head_is_separable_by_default_and_full_on_request():
 
 
 def test_deeplab_decoder_conv_count():
-    two = build_model("deeplabv3plus", "resnet18", 3, verbose=False)
-    one = build_model("deeplabv3plus", "resnet18", 3, decoder_convs=1, verbose=False)
+    one = build_model("deeplabv3plus", "resnet18", 3, verbose=False)  # SMP's one by default
+    two = build_model("deeplabv3plus", "resnet18", 3, decoder_convs=2, verbose=False)  # the paper's
     assert len(two.refine) == 2 and len(one.refine) == 1
     assert one.refine[0][0].in_channels == 256 + 48  # the one conv takes the fused features
     assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in two.parameters())
