@@ -26,7 +26,6 @@ from data import SegmentationDataset, load_coco, make_demo
 from model import build_model
 from predict import predict_probs
 import train
-from train import build_optimizer
 
 
 def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
@@ -81,15 +80,18 @@ def make_net(impl, arch, backbone, num_classes):
     return cls(encoder_name=backbone, encoder_weights=None, classes=num_classes)
 
 
-VARIANTS = {"fp32": (None, False), "fp32+cl": (None, True), "bf16": (torch.bfloat16, False),
-            "bf16+cl": (torch.bfloat16, True), "fp16 (cuda)": (torch.float16, True)}
 USUAL = "usual: fp32, plain AdamW"  # the peer as its users usually train it: fp32, default format, torch's AdamW
+# name -> (autocast dtype or None, channels_last, torch's plain AdamW instead of train.py's optimizer)
+VARIANTS = {"fp32": (None, False, False), "fp32+cl": (None, True, False), "bf16": (torch.bfloat16, False, False),
+            "bf16+cl": (torch.bfloat16, True, False), "fp16 (cuda)": (torch.float16, True, False),
+            USUAL: (None, False, True)}
 
 
-def train_stepper(net, device, dtype, channels_last, img_size, batch_size, num_classes, plain_adamw=False):
-    """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch. The
-    optimizer is train.py's (AdamW, fused where the device has it), or with plain_adamw torch's AdamW with its
-    defaults, as a script using SMP would usually write it."""
+def train_stepper(net, device, variant, img_size, batch_size, num_classes):
+    """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch, in one of
+    VARIANTS. The optimizer is train.py's (AdamW, fused where the device has it), or in the usual variant torch's
+    AdamW with its defaults, as a script using SMP would usually write it."""
+    dtype, channels_last, plain_adamw = VARIANTS[variant]
     net = net.to(device).train()
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size, img_size, img_size), device=device)
@@ -97,7 +99,7 @@ def train_stepper(net, device, dtype, channels_last, img_size, batch_size, num_c
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = (torch.optim.AdamW(net.parameters(), lr=1e-4) if plain_adamw
-           else build_optimizer(net, train.get_args(["--lr", "1e-4"])))
+           else train.build_optimizer(net, train.get_args(["--lr", "1e-4"])))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
@@ -155,7 +157,6 @@ def current_rss_mb():
 def memory_child(args):
     impl, arch, backbone, variant = args._memory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype, channels_last = VARIANTS["fp32"] if variant == USUAL else VARIANTS[variant]
     # ru_maxrss is useless here (importing the CUDA build of torch already peaks higher), so sample the current
     # RSS in a thread while the steps run and report its peak over the level before the network was built
     baseline = current_rss_mb()
@@ -167,8 +168,8 @@ def memory_child(args):
             time.sleep(0.005)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, dtype, channels_last,
-                         args.img_size, args.batch_size, args.num_classes, plain_adamw=variant == USUAL)
+    step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, variant, args.img_size,
+                         args.batch_size, args.num_classes)
     for _ in range(3):
         step()
     done.set()
@@ -190,14 +191,9 @@ def bench_train(args, device):
             nets = {impl: make_net(impl, arch, backbone, args.num_classes) for impl in impls}
             steppers = {}
             for impl in impls:
-                for variant in variants:
-                    dtype, cl = VARIANTS[variant]
-                    steppers[(impl, variant)] = train_stepper(copy.deepcopy(nets[impl]), device, dtype, cl,
+                for variant in variants + ([USUAL] if impl == args.peer else []):
+                    steppers[(impl, variant)] = train_stepper(copy.deepcopy(nets[impl]), device, variant,
                                                               args.img_size, args.batch_size, args.num_classes)
-            if args.peer:
-                steppers[(args.peer, USUAL)] = train_stepper(copy.deepcopy(nets[args.peer]), device, None, False,
-                                                             args.img_size, args.batch_size, args.num_classes,
-                                                             plain_adamw=True)
             rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
             for (impl, variant), rate in rates.items():
                 params = sum(p.numel() for p in nets[impl].parameters()) / 1e6
@@ -242,9 +238,7 @@ def profile_train(args, device):
                 variant = "fp32+cl" if impl == "ours" else USUAL
                 net = make_net(impl, arch, backbone, args.num_classes)
                 module_ranges(net)
-                dtype, cl = VARIANTS["fp32+cl" if impl == "ours" else "fp32"]
-                step = train_stepper(net, device, dtype, cl, args.img_size, args.batch_size, args.num_classes,
-                                     plain_adamw=impl != "ours")
+                step = train_stepper(net, device, variant, args.img_size, args.batch_size, args.num_classes)
                 step()
                 activities = [torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])

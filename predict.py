@@ -26,7 +26,7 @@ from PIL import Image
 from data import (DataError, SegmentationDataset, collate_full_masks, default_cache_dir, load_coco, overlay, palette,
                   read_image, write_json)
 from model import ModelError, build_model, load_state_file
-from train import autocast, confusion_matrix, metrics_table, segmentation_metrics
+from train import autocast, checkpoint_network, confusion_matrix, metrics_table, segmentation_metrics
 
 
 class PredictError(ValueError):
@@ -145,14 +145,13 @@ def load_checkpoint_model(path, device):
     ckpt = load_state_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise PredictError(f"{path}: not a train.py checkpoint (no 'model' and 'args')")
-    a = ckpt["args"]
-    model = build_model(a["arch"], a["backbone"], len(ckpt["class_names"]), pretrained=False,
-                        output_stride=a.get("output_stride"), separable=a.get("separable", False),
-                        decoder_convs=a.get("decoder_convs", 2), verbose=False)
+    network = checkpoint_network(ckpt["args"])
+    arch, backbone = network.pop("arch"), network.pop("backbone")
+    model = build_model(arch, backbone, len(ckpt["class_names"]), pretrained=False, verbose=False, **network)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise PredictError(f"{path}: weights do not fit {a['arch']}/{a['backbone']} with "
+        raise PredictError(f"{path}: weights do not fit {arch}/{backbone} with "
                            f"{len(ckpt['class_names'])} classes: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), ckpt
 

@@ -30,6 +30,13 @@ from model import ARCHS, BACKBONES, ModelError, build_model, load_state_file
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
+# the flags that shape the network, each with what checkpoints written before the flag existed were built with
+NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
+
+
+def checkpoint_network(saved_args):
+    """build_model's arch, backbone and keywords for a checkpoint's saved args."""
+    return {key: saved_args.get(key, before) for key, before in NETWORK_FLAGS.items()}
 
 
 # ----------------------------------------------------------------------------- metrics (shared with predict/ensemble)
@@ -294,9 +301,9 @@ def run(args, rank, world, device):
         for key, value in checkpoint["args"].items():
             if key not in RUN_ONLY_FLAGS and key in defaults and getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
-        for key in ("arch", "backbone", "output_stride", "separable", "img_size"):  # the network must match
-            setattr(args, key, checkpoint["args"][key])
-        args.decoder_convs = checkpoint["args"].get("decoder_convs", 2)  # older checkpoints: the paper's 2
+        for key, value in checkpoint_network(checkpoint["args"]).items():  # the network must match
+            setattr(args, key, value)
+        args.img_size = checkpoint["args"]["img_size"]
     if not checkpoint and not args.test_only and (output_dir / "last.pt").exists():
         if not args.force:
             raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "

@@ -11,6 +11,7 @@ import torch
 
 import predict
 import train
+from model import build_model
 from train import confusion_matrix, segmentation_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,9 +135,14 @@ def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
     assert ckpt["args"]["amp"] and ckpt["args"]["loss"] == "focal+dice"
     # the checkpoint rebuilds with its own decoder, not the default one
     assert len(predict.load_checkpoint_model(out / "last.pt", torch.device("cpu"))[0].refine) == 2
-    del ckpt["args"]["decoder_convs"]  # a checkpoint from before the flag had the paper's two convs
+    # a checkpoint from before --separable and --decoder-convs: a full head with the paper's two decoder convs
+    del ckpt["args"]["separable"], ckpt["args"]["decoder_convs"]
+    ckpt["model"] = build_model("deeplabv3plus", "resnet18", len(ckpt["class_names"]), separable=False,
+                                decoder_convs=2, verbose=False).state_dict()
     torch.save(ckpt, tmp_path / "old.pt")
-    assert len(predict.load_checkpoint_model(tmp_path / "old.pt", torch.device("cpu"))[0].refine) == 2
+    old = predict.load_checkpoint_model(tmp_path / "old.pt", torch.device("cpu"))[0]
+    assert len(old.refine) == 2 and old.refine[0][0].groups == 1
+    train.main(["--test-only", "--resume", str(tmp_path / "old.pt")])  # train.py rebuilds it the same way
 
 
 def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeypatch):
