@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from data import SegmentationDataset, load_coco, make_demo
+from coco import load_coco
+from data import make_demo
+from dataset import SegmentationDataset
+from inference import predict_probs
 from model import build_model
-from predict import predict_probs
-import train
+from optim import build_optimizer
 
 
 def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
@@ -74,7 +76,7 @@ def bench_loader(args):
 
 def make_net(impl, arch, backbone, num_classes):
     if impl == "ours":
-        return build_model(arch, backbone, num_classes, pretrained=False, verbose=False)
+        return build_model(arch, backbone, num_classes, pretrained=False)
     import segmentation_models_pytorch as smp  # benchmark-only dependency
     cls = {"deeplabv3plus": smp.DeepLabV3Plus, "unet": smp.Unet}[arch]
     return cls(encoder_name=backbone, encoder_weights=None, classes=num_classes)
@@ -99,7 +101,7 @@ def train_stepper(net, device, variant, img_size, batch_size, num_classes):
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = (torch.optim.AdamW(net.parameters(), lr=1e-4) if plain_adamw
-           else train.build_optimizer(net, train.get_args(["--lr", "1e-4"])))
+           else build_optimizer(net, "adamw", lr=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():

@@ -11,7 +11,6 @@ voted for one. Bare CSV inputs vote hard at the CSV's resolution and give a CSV 
 """
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -19,19 +18,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError, SegmentationDataset, default_cache_dir, load_coco, read_mask, write_json
-from predict import (PredictError, csv_row, finish, mask_name, prepare_output_dir,
-                     write_submission)
+from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
+from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, write_json,
+                     write_results, write_submission)
 
 
 def read_input(path):
     """A predict.py output dir (its predictions.json) or a submission CSV -> dict describing it."""
     path = Path(path)
     if path.is_dir():
-        manifest = path / "predictions.json"
-        if not manifest.is_file():
-            raise PredictError(f"{path}: no predictions.json (not a predict.py output dir)")
-        info = json.loads(manifest.read_text())
+        info = read_predictions(path)
         return {"path": path, "kind": "dir", "class_names": info["class_names"], "data_dir": info.get("data_dir"),
                 "images": {e["file_name"]: e for e in info["images"]},
                 "order": [e["file_name"] for e in info["images"]],
@@ -43,17 +39,17 @@ def read_input(path):
             reader = csv.reader(f)
             header = next(reader, None)
             if header != ["image_id", "PredictionString"]:
-                raise PredictError(f"{path}: header is {header}, expected image_id,PredictionString")
+                raise OutputError(f"{path}: header is {header}, expected image_id,PredictionString")
             for image_id, prediction in reader:
                 rows[image_id] = np.array(prediction.split(), dtype=np.uint8)
         side = {int(round(len(v) ** 0.5)) for v in rows.values()}
         if len(side) != 1 or any(len(v) != next(iter(side)) ** 2 for v in rows.values()):
-            raise PredictError(f"{path}: rows are not all square masks of one size")
+            raise OutputError(f"{path}: rows are not all square masks of one size")
         s = side.pop()
         return {"path": path, "kind": "csv", "class_names": None, "order": list(rows), "has_probs": False,
                 "images": {k: {"file_name": k, "height": s, "width": s, "csv_mask": v.reshape(s, s)}
                            for k, v in rows.items()}}
-    raise PredictError(f"{path}: neither a predict.py output dir nor a .csv file")
+    raise OutputError(f"{path}: neither a predict.py output dir nor a .csv file")
 
 
 def check_inputs(inputs):
@@ -61,22 +57,22 @@ def check_inputs(inputs):
     first = inputs[0]
     names = [i["class_names"] for i in inputs if i["class_names"]]
     if any(n != names[0] for n in names):
-        raise PredictError("inputs have different class lists: " +
+        raise OutputError("inputs have different class lists: " +
                            "; ".join(f"{i['path']}: {len(i['class_names'])} classes" for i in inputs if i["class_names"]))
     for other in inputs[1:]:
         a, b = set(first["images"]), set(other["images"])
         if a != b:
             diff = sorted(a ^ b)
-            raise PredictError(f"{other['path']} and {first['path']} cover different images; differing image ids: "
+            raise OutputError(f"{other['path']} and {first['path']} cover different images; differing image ids: "
                                f"{', '.join(diff[:10])}{' ...' if len(diff) > 10 else ''}")
         if other["kind"] == first["kind"] == "dir":
             sizes = [k for k in a if (first["images"][k]["height"], first["images"][k]["width"]) !=
                      (other["images"][k]["height"], other["images"][k]["width"])]
             if sizes:
-                raise PredictError(f"{other['path']} and {first['path']} differ in image size for: "
+                raise OutputError(f"{other['path']} and {first['path']} differ in image size for: "
                                    f"{', '.join(sorted(sizes)[:10])}")
     if len({i["kind"] for i in inputs}) > 1:
-        raise PredictError("mix of CSV and directory inputs: give all of one kind")
+        raise OutputError("mix of CSV and directory inputs: give all of one kind")
 
 
 def load_probs(inp, file_name, height, width):
@@ -117,74 +113,74 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(args)
-    except (PredictError, DataError) as e:
+    except (OutputError, DataError) as e:
         sys.exit(f"error: {e}")
+
+
+def vote_csvs(inputs, weights, out_dir, csv_size):
+    """Hard vote of bare CSVs at the CSV's resolution; no class list, so ids 0..the largest seen."""
+    num_classes = 1 + max(int(i["images"][k]["csv_mask"].max()) for i in inputs for k in i["order"])
+    rows = [csv_row(name, hard_vote([i["images"][name]["csv_mask"] for i in inputs], weights, num_classes), csv_size)
+            for name in inputs[0]["order"]]
+    write_submission(out_dir / "submission.csv", rows)
+    print(f"wrote {out_dir / 'submission.csv'} ({len(rows)} rows)")
+
+
+def load_targets(data_dir, json_name, class_names, file_names, cache_flag):
+    """Ground-truth masks of the predicted images, from a labeled JSON of the same images."""
+    if not json_name:
+        raise OutputError("--eval needs --json (a labeled JSON of the same images)")
+    coco = load_coco(data_dir, json_name, class_names=class_names)
+    if not coco.labeled:
+        raise OutputError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
+    index = {img["file_name"]: i for i, img in enumerate(coco.images)}
+    missing = [k for k in file_names if k not in index]
+    if missing:
+        raise OutputError(f"{coco.json_path} lacks predicted images: {', '.join(missing[:10])}")
+    cache = open_mask_cache(cache_flag)
+    return {k: load_mask(coco, index[k], cache) for k in file_names}
+
+
+def vote_image(inputs, weights, name, mode, soft_possible, num_classes):
+    """The voted uint8 mask of one image at its own size."""
+    h, w = inputs[0]["images"][name]["height"], inputs[0]["images"][name]["width"]
+    summed = None
+    if soft_possible:
+        summed = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights))
+    if mode == "soft":
+        return (summed / sum(weights)).argmax(0).to(torch.uint8).numpy()
+    masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
+    return hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy())
 
 
 def run(args):
     out_dir = Path(args.output_dir)
     paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
     if len(paths) < 2:
-        raise PredictError(f"need at least two inputs besides {out_dir}, got {len(paths)}")
+        raise OutputError(f"need at least two inputs besides {out_dir}, got {len(paths)}")
     weights = args.weights or [1.0] * len(paths)
     if len(weights) != len(paths):
-        raise PredictError(f"{len(weights)} weights for {len(paths)} inputs")
+        raise OutputError(f"{len(weights)} weights for {len(paths)} inputs")
     inputs = [read_input(p) for p in paths]
     check_inputs(inputs)
     soft_possible = all(i["has_probs"] for i in inputs)
     mode = args.mode or ("soft" if soft_possible else "hard")
     if mode == "soft" and not soft_possible:
-        raise PredictError("soft voting needs probs/ in every input: " +
-                           ", ".join(str(i["path"]) for i in inputs if not i["has_probs"]))
+        raise OutputError("soft voting needs probs/ in every input: " +
+                          ", ".join(str(i["path"]) for i in inputs if not i["has_probs"]))
     first = inputs[0]
     out_dir = prepare_output_dir(out_dir, args.force)
     print(f"{mode} voting over {len(inputs)} inputs ({', '.join(map(str, paths))}), weights {weights} -> {out_dir}")
-
-    if first["kind"] == "csv":  # masks at the CSV's resolution; no class list, so ids 0..max seen
-        num_classes = 1 + max(int(i["images"][k]["csv_mask"].max()) for i in inputs for k in i["order"])
-        rows = []
-        for name in first["order"]:
-            voted = hard_vote([i["images"][name]["csv_mask"] for i in inputs], weights, num_classes)
-            rows.append(csv_row(name, voted, args.csv_size))
-        write_submission(out_dir / "submission.csv", rows)
-        print(f"wrote {out_dir / 'submission.csv'} ({len(rows)} rows)")
-        return
-
-    class_names = first["class_names"]
-    num_classes = len(class_names)
-    data_dir = args.data_dir or first["data_dir"]
-    targets = {}
-    if args.eval:
-        if not args.json:
-            raise PredictError("--eval needs --json (a labeled JSON of the same images)")
-        coco = load_coco(data_dir, args.json, class_names=class_names)
-        if not coco.labeled:
-            raise PredictError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
-        dataset = SegmentationDataset(coco, 32, "none", None if args.mask_cache == "none" else args.mask_cache)
-        index = {img["file_name"]: i for i, img in enumerate(coco.images)}
-        missing = [k for k in first["order"] if k not in index]
-        if missing:
-            raise PredictError(f"{coco.json_path} lacks predicted images: {', '.join(missing[:10])}")
-        targets = {k: dataset.load(index[k])[1].numpy() for k in first["order"]}
-
-    results, manifest = [], []
-    total = sum(weights)
-    for name in first["order"]:
-        entry = first["images"][name]
-        h, w = entry["height"], entry["width"]
-        if mode == "soft":
-            probs = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)) / total
-            pred = probs.argmax(0).to(torch.uint8).numpy()
-        else:
-            masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
-            tie = None
-            if soft_possible:
-                tie = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)).numpy()
-            pred = hard_vote(masks, weights, num_classes, tie)
-        results.append((name, pred, targets.get(name)))
-        manifest.append({"file_name": name, "height": h, "width": w, "mask": "masks/" + mask_name(name)})
-    finish(out_dir, class_names, results, data_dir, args.csv_size, args.vis, bool(args.eval),
-           {"inputs": [str(p) for p in paths], "weights": weights, "mode": mode})
+    if first["kind"] == "csv":
+        return vote_csvs(inputs, weights, out_dir, args.csv_size)
+    class_names, data_dir = first["class_names"], args.data_dir or first["data_dir"]
+    targets = load_targets(data_dir, args.json, class_names, first["order"], args.mask_cache) if args.eval else {}
+    results = [(name, vote_image(inputs, weights, name, mode, soft_possible, len(class_names)), targets.get(name))
+               for name in first["order"]]
+    manifest = [{"file_name": name, "height": first["images"][name]["height"], "width": first["images"][name]["width"],
+                 "mask": mask_name(name)} for name in first["order"]]
+    write_results(out_dir, class_names, results, data_dir, args.csv_size, args.vis, bool(args.eval),
+                  {"inputs": [str(p) for p in paths], "weights": weights, "mode": mode})
     write_json(out_dir / "predictions.json", {"class_names": class_names, "data_dir": data_dir, "mode": mode,
                                               "inputs": [str(p) for p in paths], "images": manifest})
     print(f"wrote {out_dir / 'submission.csv'} ({len(results)} rows)")

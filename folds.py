@@ -9,14 +9,14 @@ brings every class's share of validation pixels (or objects) closest to 1/k, so 
 reaches every validation fold.
 """
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import DataError, load_coco, pixel_counts, write_json
+from coco import DataError, load_coco, pixel_counts
+from outputs import write_json
 
 
 def image_groups(file_names, pattern=None):
@@ -70,7 +70,7 @@ def stratified_group_kfold(counts, groups, k=5, seed=42):
     return fold_of_group[member]
 
 
-def random_folds(num_images, groups, k=5, seed=42):
+def random_folds(groups, k=5, seed=42):
     """A seeded random split of the groups, the baseline that folds should beat."""
     names = sorted(set(groups))
     perm = np.random.default_rng(seed).permutation(len(names))
@@ -117,15 +117,6 @@ def fold_table(counts, folds, class_names, k, holders, unit="pixels"):
     return "\n".join(lines), worst, missing
 
 
-def subset(raw, image_ids):
-    """A COCO dict holding only these images and their annotations (file_names untouched: still root-relative)."""
-    keep = set(image_ids)
-    out = {key: value for key, value in raw.items() if key not in ("images", "annotations")}
-    out["images"] = [img for img in raw["images"] if img["id"] in keep]
-    out["annotations"] = [a for a in raw.get("annotations", []) if a["image_id"] in keep]
-    return out
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data")
@@ -142,7 +133,6 @@ def main():
         coco = load_coco(args.data_dir, args.json, skip_bad=args.skip_bad, check_files=False)
     except DataError as e:
         sys.exit(f"error: {e}")
-    raw = json.loads(coco.json_path.read_text())
     counts = pixel_counts(coco, by=args.by)
     groups = image_groups([img["file_name"] for img in coco.images], args.group_pattern)
     try:
@@ -154,8 +144,9 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = np.array([img["id"] for img in coco.images])
     for f in range(args.k):
-        write_json(out_dir / f"train_fold{f}.json", subset(raw, ids[folds != f]))
-        write_json(out_dir / f"val_fold{f}.json", subset(raw, ids[folds == f]))
+        # only what the loader accepted: with --skip-bad, dropped images and annotations stay out of the folds
+        write_json(out_dir / f"train_fold{f}.json", coco.to_dict(ids[folds != f].tolist()))
+        write_json(out_dir / f"val_fold{f}.json", coco.to_dict(ids[folds == f].tolist()))
     print(f"{coco.json_path}: {len(ids)} images in {len(set(groups))} groups -> {args.k} folds in {out_dir}")
     holders = class_holders(counts, groups)
     table, worst, missing = fold_table(counts, folds, coco.class_names, args.k, holders, args.by)
@@ -166,7 +157,7 @@ def main():
         note = f" (held by {holders[c]} group(s), fewer than {args.k} folds)" if holders[c] < args.k else ""
         print(f"note: {name} has no {args.by} in val fold {f}{note}")
     if args.compare_random:
-        rand = random_folds(len(ids), groups, args.k, args.seed)
+        rand = random_folds(groups, args.k, args.seed)
         table, rworst, rmissing = fold_table(counts, rand, coco.class_names, args.k, holders, args.by)
         print("\nseeded random split of the same groups:\n" + table)
         print(f"largest relative deviation: {100 * rworst:.1f}% (ours {100 * worst:.1f}%); "

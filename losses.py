@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from coco import IGNORE_INDEX
+
 WEIGHT_METHODS = ("inverse", "log", "median")
 
 

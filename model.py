@@ -2,7 +2,7 @@
 
     build_model("deeplabv3plus", "resnet50", num_classes=11, output_stride=8)
     build_model("unet", "convnext_tiny", num_classes=11, pretrained=True)     # torchvision's ImageNet weights
-    build_model("unet", "resnet34", num_classes=11, weights="resnet34.pth")   # a local state dict
+    checkpoint.load_weights(model, "resnet34.pth")                            # a local state dict
     python model.py                                # params, GFLOPs at 512x512, CPU forward ms at 256x256
 
 The encoder runs a torchvision classification network's blocks in order and taps the last block at each stride
@@ -65,7 +65,7 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.net = _torchvision_net(backbone, pretrained)
         for name in ("fc", "classifier", "head", "avgpool", "norm", "permute", "flatten"):
-            if hasattr(self.net, name) and name != "features":
+            if hasattr(self.net, name):
                 delattr(self.net, name)
         paths = [f"features.{i}" for i in range(blocks)] if isinstance(blocks, int) else blocks
         strides = self._measure_strides(paths)
@@ -144,7 +144,7 @@ def conv_bn_relu(in_ch, out_ch, kernel=3, dilation=1, separable=False):
     padding = dilation * (kernel // 2)
     if separable and kernel > 1:
         # depthwise then pointwise: ~8x fewer FLOPs at the same field of view. No norm/activation in between
-        # (Chollet 2017 found that trains as well or better); bench.py measured it 12-19% faster per step here.
+        # (Chollet 2017 found that trains as well or better).
         return nn.Sequential(
             nn.Conv2d(in_ch, in_ch, kernel, padding=padding, dilation=dilation, groups=in_ch, bias=False),
             nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
@@ -177,7 +177,7 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
     """Chen et al. 2018: ASPP on the deepest features, upsampled and fused with stride-4 features projected to 48
     channels, 3x3 refinement convs, 1x1 classifier, logits upsampled to the input. One refinement conv by default,
-    as SMP: the paper's two gave the same camvid mIoU (52.18 vs 52.16) and cost 11-13% of the forward time."""
+    as in SMP; decoder_convs=2 gives the paper's (docs/results.md compares them)."""
 
     def __init__(self, encoder, num_classes, separable=True, decoder_convs=1):
         super().__init__()
@@ -237,8 +237,8 @@ class UNet(nn.Module):
         return upsample_to(self.head(y), x.shape[-2:])
 
 
-def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, output_stride=None,
-                separable=True, decoder_convs=1, verbose=True):
+def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=None, separable=True,
+                decoder_convs=1):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
@@ -246,64 +246,12 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, weights=None, 
         raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
     if output_stride is None:
         output_stride = 16 if arch == "deeplabv3plus" and BACKBONES[backbone][1] else 32
-    encoder = Encoder(backbone, pretrained=pretrained and weights is None, output_stride=output_stride)
+    encoder = Encoder(backbone, pretrained=pretrained, output_stride=output_stride)
     if arch == "deeplabv3plus":
         model = DeepLabV3Plus(encoder, num_classes, separable, decoder_convs)
     else:
         model = UNet(encoder, num_classes)
-    if weights:
-        report = load_weights(model, weights)
-        if verbose:
-            print(report)
     return model
-
-
-def load_state_file(path, what="weights"):
-    """torch.load(..., weights_only=True) with a ModelError naming the file instead of a deep traceback."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: {what} file not found") from None
-    except Exception as e:
-        raise ModelError(f"{path}: cannot load {what} ({e.__class__.__name__}: {e})") from None
-
-
-def load_weights(model, file):
-    """Load a local state dict: a whole model's (ours, or a checkpoint holding one under 'model') or a
-    backbone's (torchvision's classification keys). Returns a one-paragraph report; a shape mismatch on a
-    backbone key or a file matching nothing is a ModelError."""
-    state = load_state_file(file, "weights")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ModelError(f"{file}: not a state dict of tensors")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}  # DDP, compile
-    whole = any(k.startswith("encoder.") for k in state)
-    target = model if whole else model.encoder.net
-    own = target.state_dict()
-    loaded, skipped_shape = {}, []
-    for key, value in state.items():
-        if key in own:
-            if own[key].shape == value.shape:
-                loaded[key] = value
-            else:
-                skipped_shape.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
-    if not loaded:
-        raise ModelError(f"{file}: no key matches {'the model' if whole else model.encoder.backbone} "
-                         f"(first keys: {', '.join(list(state)[:3])})")
-    if skipped_shape and not whole:
-        raise ModelError(f"{file}: shapes differ from {model.encoder.backbone}: {'; '.join(skipped_shape[:5])}")
-    target.load_state_dict(loaded, strict=False)
-    unused = [k for k in state if k not in own and not (not whole and k.startswith(HEAD_PREFIXES))]
-    missing = [k for k in own if k not in loaded]
-    lines = [f"{file}: loaded {len(loaded)} of {len(own)} {'model' if whole else 'backbone'} tensors"]
-    if skipped_shape:
-        lines.append(f"  kept own weights where shapes differ ({len(skipped_shape)}): {'; '.join(skipped_shape[:5])}")
-    if missing:
-        lines.append(f"  not in file ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if unused:
-        lines.append(f"  unused keys ({len(unused)}): {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
-    return "\n".join(lines)
 
 
 def count_flops(model, size=512):

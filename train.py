@@ -10,7 +10,6 @@ Defaults are a GPU recipe for 512x512 photos; README gives a CPU-sized command.
 """
 import argparse
 import datetime
-import math
 import os
 import random
 import sys
@@ -23,68 +22,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from data import (AUG_PRESETS, CopyPaste, DataError, SegmentationDataset, collate_full_masks, default_cache_dir,
-                  load_coco, pixel_counts, to_json, write_json)
-from losses import IGNORE_INDEX, WEIGHT_METHODS, build_loss, class_weights
-from model import ARCHS, BACKBONES, ModelError, build_model, load_state_file
+from checkpoint import (NETWORK_FLAGS, checkpoint_state, load_weights, read_checkpoint, save_checkpoint,
+                        set_rng_state)
+from coco import DataError, default_cache_dir, load_coco, pixel_counts
+from dataset import AUG_PRESETS, CopyPaste, SegmentationDataset, collate_full_masks
+from inference import autocast, evaluate
+from losses import WEIGHT_METHODS, build_loss, class_weights
+from metrics import metrics_table, segmentation_metrics
+from model import ARCHS, BACKBONES, ModelError, build_model
+from optim import build_optimizer, lr_factor
+from outputs import Logger, to_json, write_json
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
-# the flags that shape the network, each with what checkpoints written before the flag existed were built with
-NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
 
 
-def checkpoint_network(saved_args):
-    """build_model's arch, backbone and keywords for a checkpoint's saved args."""
-    return {key: saved_args.get(key, before) for key, before in NETWORK_FLAGS.items()}
-
-
-# ----------------------------------------------------------------------------- metrics (shared with predict/ensemble)
-
-def confusion_matrix(pred, target, num_classes, ignore_index=IGNORE_INDEX):
-    """(num_classes, num_classes) int64, rows = ground truth, columns = prediction; ignore_index pixels skipped."""
-    target, pred = target.long(), pred.long()
-    valid = (target != ignore_index) & (target >= 0) & (target < num_classes)
-    # invalid pixels go to an extra bin that is dropped: cheaper than boolean indexing
-    index = torch.where(valid, target * num_classes + pred, num_classes ** 2)
-    counts = torch.bincount(index.flatten(), minlength=num_classes ** 2 + 1)
-    return counts[:num_classes ** 2].reshape(num_classes, num_classes)
-
-
-def segmentation_metrics(confusion, class_names):
-    """aAcc, mAcc, mIoU and per-class IoU / accuracy from one confusion matrix accumulated over a whole set.
-    A class absent from both ground truth and prediction has IoU and accuracy NaN and is left out of the means;
-    a class absent from ground truth but predicted has IoU 0 (counted) and accuracy NaN."""
-    cm = torch.as_tensor(confusion, dtype=torch.float64).cpu()
-    tp, gt, pred = cm.diag(), cm.sum(1), cm.sum(0)
-    union = gt + pred - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
-    return {"aAcc": float(tp.sum() / cm.sum().clamp(min=1)), "mAcc": float(acc.nanmean()),
-            "mIoU": float(iou.nanmean()),
-            "per_class": {name: {"IoU": float(iou[c]), "Acc": float(acc[c]), "gt_pixels": int(gt[c]),
-                                 "pred_pixels": int(pred[c])} for c, name in enumerate(class_names)}}
-
-
-def metrics_table(metrics):
-    """Printable per-class table; a NaN IoU is shown as '-' with why."""
-    lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}{'gt px':>11}{'pred px':>11}"]
-    for name, m in metrics["per_class"].items():
-        if math.isnan(m["IoU"]):
-            note = "  absent from ground truth and prediction: not in the means"
-        elif m["gt_pixels"] == 0:
-            note = "  absent from ground truth but predicted: IoU 0, counted"
-        else:
-            note = ""
-        fmt = lambda v: f"{'-':>8}" if math.isnan(v) else f"{100 * v:>8.2f}"
-        lines.append(f"{name[:15]:<16}{fmt(m['IoU'])}{fmt(m['Acc'])}{m['gt_pixels']:>11}{m['pred_pixels']:>11}{note}")
-    lines.append(f"aAcc {100 * metrics['aAcc']:.2f}  mAcc {100 * metrics['mAcc']:.2f}  mIoU {100 * metrics['mIoU']:.2f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- set-up helpers
-
-def get_args(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--fold", type=int, default=0, help="use <data-dir>/folds/{train,val}_fold<k>.json")
@@ -136,29 +89,75 @@ def get_args(argv=None):
     p.add_argument("--val-every", type=int, default=1, metavar="EPOCHS")
     p.add_argument("--print-freq", type=int, default=20, metavar="STEPS")
     p.add_argument("--device", help="default: cuda when available, else cpu")
-    return p.parse_args(argv)
+    return p
 
 
-def setup_distributed(args):
+def given_flags(argv):
+    """The flags written on the command line (argparse cannot tell '--lr 2e-4' from the default 2e-4 otherwise)."""
+    parser = get_args_parser()
+    for action in parser._actions:  # with no default at all, only what was written ends up in the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_distributed(device_flag):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    if world > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-        rank = dist.get_rank()
-        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    else:
-        rank, device = 0, torch.device(args.device or ("cuda" if cuda else "cpu"))
-    return rank, world, device
+    cuda = torch.cuda.is_available() and device_flag != "cpu"
+    if world == 1:
+        return 0, 1, torch.device(device_flag or ("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def resume_from(args, given, rank):
+    """The checkpoint to resume (or None) and its folder; flags not given on the command line take the
+    checkpoint's values, and the network flags must match it."""
+    path = Path(args.resume) if args.resume and args.resume != "auto" else None
+    output_dir = Path(args.output_dir or (path.parent if path else
+                                          Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
+    if args.resume == "auto":
+        path = output_dir / "last.pt"
+    if not path:
+        return None, output_dir
+    if not path.is_file():
+        raise ValueError(f"{path}: no checkpoint to resume from")
+    checkpoint = read_checkpoint(path, resume=not args.test_only)
+    saved = checkpoint["args"]
+    for key, value in saved.items():
+        if key in NETWORK_FLAGS and key in given and value is not None and getattr(args, key) != value:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
+                             f"{value} ({path}): a resumed run keeps its network")
+        if key not in RUN_ONLY_FLAGS and key not in given and hasattr(args, key):
+            setattr(args, key, value)
+    for key, before in NETWORK_FLAGS.items():  # checkpoints from before a flag existed were built without it
+        setattr(args, key, saved.get(key, before))
+    if rank == 0:
+        print(f"resuming {path}")
+    return checkpoint, output_dir
+
+
+def prepare_output_dir(output_dir, args, resuming, rank):
+    if not resuming and not args.test_only and (output_dir / "last.pt").exists():
+        if not args.force:
+            raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "
+                             f"over, or another --output-dir")
+        if rank == 0:
+            (output_dir / "log.jsonl").unlink(missing_ok=True)
+    if rank == 0 and not args.test_only:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / "config.json", vars(args), indent=1)
 
 
 def resolve_jsons(args):
@@ -168,339 +167,240 @@ def resolve_jsons(args):
     return train, None if str(val).lower() == "none" else val
 
 
-def build_optimizer(model, args):
-    # no weight decay on norms and biases: decaying them only hurts
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    # fused: one kernel over all tensors instead of a chain of small ops per tensor; the same update, and a
-    # resnet18 DeepLabV3+ step of AdamW took 4 ms instead of 27 on this project's CPU. cpu and cuda have it.
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-    if args.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=args.lr, fused=fused)
-    return torch.optim.AdamW(groups, lr=args.lr, fused=fused)
-
-
-def lr_factor(step, total, warmup, kind):
-    """Multiplier of --lr at optimizer step `step` of `total`: linear warm-up, then the schedule."""
-    if kind == "onecycle":  # cosine up to the peak over 30% of the run, then cosine down to ~0
-        peak = max(1, int(0.3 * total))
-        if step < peak:
-            return 0.04 + 0.96 * (1 - math.cos(math.pi * step / peak)) / 2
-        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak))) / 2
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "poly":
-        return (1 - progress) ** 0.9
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 0.1 ** int(progress * 3)  # step: x0.1 at 1/3 and 2/3 of the run
-
-
-def autocast(device, enabled):
-    """fp16 on CUDA (with a GradScaler), bf16 on CPU (no scaler needed)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash mid-write leaves the previous file intact."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Logger:
-    """Prints on rank 0 and appends every record as one JSON line to <output-dir>/log.jsonl."""
-
-    def __init__(self, output_dir, rank):
-        self.rank = rank
-        self.file = Path(output_dir) / "log.jsonl" if output_dir else None
-
-    def print(self, *text):
-        if self.rank == 0:
-            print(*text, flush=True)
-
-    def log(self, record):
-        if self.rank == 0 and self.file:
-            with open(self.file, "a") as f:
-                f.write(to_json(record) + "\n")
-
-
-# ----------------------------------------------------------------------------- validation
-
-@torch.no_grad()
-def evaluate(model, loader, num_classes, device, amp=False, channels_last=False, world=1):
-    """Confusion matrix over the whole loader at each image's original size (summed over ranks)."""
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, masks, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        for logit, mask in zip(logits.float(), masks):
-            mask = mask.to(device)
-            full = nn.functional.interpolate(logit[None], size=mask.shape, mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(full[0].argmax(0), mask, num_classes)
-    if world > 1:
-        dist.all_reduce(confusion)
-    return confusion.cpu()
-
-
-# ----------------------------------------------------------------------------- main
-
-def main(argv=None):
-    args = get_args(argv)
-    rank, world, device = setup_distributed(args)
-    log = Logger(None, rank)
-    try:
-        run(args, rank, world, device)
-    except (DataError, ModelError, ValueError) as e:
-        log.print(f"error: {e}")
-        sys.exit(2)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run(args, rank, world, device):
-    seed_everything(args.seed + rank)
-    resume_path = None
-    if args.resume and args.resume != "auto":
-        resume_path = Path(args.resume)
-    output_dir = Path(args.output_dir or (resume_path.parent if resume_path else
-                                          Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
-    if args.resume == "auto":
-        resume_path = output_dir / "last.pt"
-    checkpoint = None
-    if resume_path:
-        if not resume_path.is_file():
-            raise ValueError(f"{resume_path}: no checkpoint to resume from")
-        checkpoint = load_state_file(resume_path, "checkpoint")
-        if not isinstance(checkpoint, dict) or "args" not in checkpoint or "optimizer" not in checkpoint:
-            raise ValueError(f"{resume_path}: not a train.py checkpoint")
-        # flags left at their defaults take the checkpoint's values, so a bare --resume continues the same run
-        defaults = vars(get_args([]))
-        for key, value in checkpoint["args"].items():
-            if key not in RUN_ONLY_FLAGS and key in defaults and getattr(args, key) == defaults[key]:
-                setattr(args, key, value)
-        for key, value in checkpoint_network(checkpoint["args"]).items():  # the network must match
-            setattr(args, key, value)
-        args.img_size = checkpoint["args"]["img_size"]
-    if not checkpoint and not args.test_only and (output_dir / "last.pt").exists():
-        if not args.force:
-            raise ValueError(f"{output_dir} holds a run (last.pt): --resume to continue it, --force to start "
-                             f"over, or another --output-dir")
-        if rank == 0:
-            (output_dir / "log.jsonl").unlink(missing_ok=True)
-    if rank == 0 and not args.test_only:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / "config.json", vars(args), indent=1)
-    log = Logger(None if args.test_only else output_dir, rank)
-
-    # data: the class list comes from the training JSON (or the checkpoint), other JSONs map onto it by name
-    train_json, val_json = resolve_jsons(args)
-    train_coco = None if args.test_only else load_coco(args.data_dir, train_json, skip_bad=args.skip_bad)
-    class_names = checkpoint["class_names"] if checkpoint else train_coco.class_names
-    if train_coco is not None and train_coco.class_names != class_names:
-        raise ValueError(f"{train_json}: classes {train_coco.class_names} differ from the checkpoint's {class_names}")
-    num_classes = len(class_names)
-    cache = None if args.mask_cache == "none" else args.mask_cache
-    val_loader = None
-    if val_json:
-        val_coco = load_coco(args.data_dir, val_json, class_names=class_names, skip_bad=args.skip_bad)
-        if not val_coco.labeled:
-            raise ValueError(f"{val_coco.json_path}: validation JSON has no annotations")
-        val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=cache, full_mask=True)
-        shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))  # no padding: exact metrics
-        val_loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
-                                                 collate_fn=collate_full_masks, pin_memory=device.type == "cuda")
-
-    model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
-                        weights=None if checkpoint else args.weights, output_stride=args.output_stride,
-                        separable=args.separable, decoder_convs=args.decoder_convs, verbose=rank == 0)
-    args.output_stride = model.encoder.output_stride
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if world > 1 and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model_without_ddp = model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    forward_model = torch.compile(model) if args.compile else model
-
-    def validate(epoch):
-        confusion = evaluate(forward_model, val_loader, num_classes, device, args.amp, args.channels_last, world)
-        metrics = segmentation_metrics(confusion, class_names)
-        log.print(f"validation after epoch {epoch}:\n{metrics_table(metrics)}")
-        log.log({"epoch": epoch, "val": metrics, "confusion": confusion.tolist()})
-        return metrics, confusion
-
-    if args.test_only:
-        if not val_loader:
-            raise ValueError("--test-only needs a validation JSON")
-        metrics, _ = validate(checkpoint["epoch"] if checkpoint else 0)
-        log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
-        return metrics
-
-    # training data
-    train_sets = []
+def get_dataset(args, train_coco, class_names, log):
+    """Training set: the training JSON (with augmentation and copy-paste), plus pseudo-labelled images."""
     copy_paste = CopyPaste(train_coco, args.copy_paste_classes) if args.copy_paste else None
     if copy_paste:
         log.print(f"copy-paste classes: {', '.join(class_names[c] for c in copy_paste.classes)} "
                   f"({len(copy_paste.sources)} objects)")
-    train_sets.append(SegmentationDataset(train_coco, args.img_size, args.aug, cache, copy_paste, args.skip_bad))
+    sets = [SegmentationDataset(train_coco, args.img_size, args.aug, args.mask_cache, copy_paste, args.skip_bad)]
     if args.pseudo:
         pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=class_names)
-        train_sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, args.skip_bad))
+        sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, args.skip_bad))
         log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}")
-    train_set = torch.utils.data.ConcatDataset(train_sets)
-    if len(train_set) < args.batch_size * world:
-        raise ValueError(f"{train_json}: {len(train_set)} images is fewer than one batch "
-                         f"({args.batch_size} x {world} processes)")
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
-        if world > 1 else None
+    return torch.utils.data.ConcatDataset(sets)
 
-    steps_per_epoch = len(train_set) // (args.batch_size * world) // args.accum_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"--accum-steps {args.accum_steps} leaves no optimizer step per epoch")
-    total_steps = args.epochs * steps_per_epoch
-    warmup = int(args.warmup_epochs * steps_per_epoch)
+
+def get_val_loader(args, val_json, class_names, rank, world, device):
+    """Validation at each image's original size, sharded over processes without padding: exact metrics."""
+    val_coco = load_coco(args.data_dir, val_json, class_names=class_names, skip_bad=args.skip_bad)
+    if not val_coco.labeled:
+        raise ValueError(f"{val_coco.json_path}: validation JSON has no annotations")
+    val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=args.mask_cache, full_mask=True)
+    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
+                                       collate_fn=collate_full_masks, pin_memory=device.type == "cuda")
+
+
+def criterion(args, train_coco, class_names, device, log):
     weight = None
     if args.class_weights:
         weight = class_weights(pixel_counts(train_coco), args.class_weights)
         log.print(f"class weights ({args.class_weights}): " +
                   ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weight.tolist())))
-    criterion = build_loss(args.loss, weight, args.focal_gamma).to(device)
-    optimizer = build_optimizer(model_without_ddp, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, args.scheduler))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    return build_loss(args.loss, weight, args.focal_gamma).to(device)
 
-    start_epoch, best_miou, bad_steps = 0, -1.0, 0
+
+def build_network(args, num_classes, checkpoint, device, world, log):
+    """(the network, what runs it: under DDP and compiled when asked)."""
+    model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
+                        output_stride=args.output_stride, separable=args.separable, decoder_convs=args.decoder_convs)
+    args.output_stride = model.encoder.output_stride
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    elif args.weights:
+        log.print(load_weights(model, args.weights))
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, torch.compile(ddp) if args.compile else ddp
+
+
+class NonFiniteLoss(Exception):
+    """NAN_PATIENCE non-finite losses in a row; raised on every rank together."""
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def all_finite(loss, world):
+    finite = torch.isfinite(loss.detach())
+    if world > 1:  # every rank must skip together or DDP's all-reduce would hang
+        flag = finite.float()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag > 0
+    return bool(finite)
+
+
+def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
+    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps}; bad_steps
+    carries over epochs. Returns images seen per second."""
+    model.train()
+    batches, world, device = run["steps_per_epoch"] * args.accum_steps, run["world"], run["device"]
+    t_epoch = t_print = time.time()
+    seen, seen_print, loss_sum, loss_count, window_has_grad = 0, 0, 0.0, 0, False
+    for i, (images, masks, _) in enumerate(loader):
+        if i >= batches:
+            break
+        images = images.to(device, non_blocking=True)
+        masks = masks.to(device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            logits = model(images)
+        loss = loss_fn(logits, masks)
+        if not all_finite(loss, world):
+            # only this micro-batch is dropped: gradients of the window's earlier micro-batches stay and are
+            # stepped at the window's end, so one bad batch does not cost --accum-steps good ones
+            run["bad_steps"] += 1
+            warnings.warn(f"epoch {epoch} step {i}: non-finite loss, batch skipped ({run['bad_steps']} in a row)")
+            if run["bad_steps"] >= NAN_PATIENCE:
+                raise NonFiniteLoss
+        else:
+            run["bad_steps"], window_has_grad = 0, True
+            scaler.scale(loss / args.accum_steps).backward()
+            loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
+        if (i + 1) % args.accum_steps == 0 and window_has_grad:  # a window of only bad batches steps nothing
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        if (i + 1) % args.accum_steps == 0:
+            window_has_grad = False
+        seen, seen_print = seen + images.shape[0] * world, seen_print + images.shape[0] * world
+        if (i + 1) % (args.print_freq * args.accum_steps) == 0 or i + 1 == batches:
+            now = time.time()
+            rate = seen_print / max(now - t_print, 1e-9)
+            remaining = (batches - i - 1 + run["epochs_left"] * batches) * args.batch_size * world
+            record = {"epoch": epoch, "step": (i + 1) // args.accum_steps, "steps": run["steps_per_epoch"],
+                      "loss": loss_sum / max(loss_count, 1), "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": rate}
+            record.update({f"loss_{k}": v for k, v in loss_fn.parts.items()} if len(loss_fn.parts) > 1 else {})
+            log.print(f"epoch {epoch} [{record['step']}/{record['steps']}] loss {record['loss']:.4f} lr "
+                      f"{record['lr']:.2e} {rate:.1f} img/s ETA {datetime.timedelta(seconds=int(remaining / rate))}")
+            log.log(record)
+            t_print, seen_print, loss_sum, loss_count = now, 0, 0.0, 0
+    return seen / max(time.time() - t_epoch, 1e-9)
+
+
+def validate(model, val_loader, class_names, epoch, args, world, device, log):
+    confusion = evaluate(model, val_loader, len(class_names), device, args.img_size, args.amp, args.channels_last)
+    if world > 1:
+        dist.all_reduce(confusion)
+    confusion = confusion.cpu()
+    metrics = segmentation_metrics(confusion, class_names)
+    log.print(f"validation after epoch {epoch}:\n{metrics_table(metrics)}")
+    log.log({"epoch": epoch, "val": metrics, "confusion": confusion.tolist()})
+    return metrics, confusion
+
+
+# ----------------------------------------------------------------------------- main
+
+def fit(model, forward_model, train_set, val_loader, train_coco, class_names, checkpoint, output_dir,
+        args, rank, world, device, log):
+    """The training run: optimizer, schedule, epochs, validation and checkpoints."""
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
+        if world > 1 else None
+    steps_per_epoch = len(train_set) // (args.batch_size * world) // args.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images make no optimizer step of {args.batch_size} x "
+                         f"{world} process(es) x --accum-steps {args.accum_steps}")
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    loss_fn = criterion(args, train_coco, class_names, device, log)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    start_epoch, best_miou = 0, -1.0
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_miou = checkpoint["epoch"] + 1, checkpoint["best_miou"]
         set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
-        log.print(f"resumed from {resume_path} at epoch {start_epoch} (best mIoU {best_miou:.4f})")
-
-    def checkpoint_state(epoch, metrics=None):
-        states = [rng_state()]
-        if world > 1:  # every rank's RNG, so a resumed DDP run continues each stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best_miou": best_miou, "args": vars(args), "class_names": class_names, "rng": states,
-                "metrics": metrics or {}}
-
-    log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images ({train_json}), "
-              f"{world} process(es) on {device}, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
-              f"output {output_dir}")
+        log.print(f"resumed at epoch {start_epoch} (best mIoU {best_miou:.4f})")
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
+    log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
+              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
+    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0}
+    state = lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou,
+                                                         args, class_names, world, metrics)
     for epoch in range(start_epoch, last_epoch):
         if sampler:
             sampler.set_epoch(epoch)
         # a generator per epoch fixes shuffling and worker seeds, so a resumed epoch sees the same batches
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-            num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+            num_workers=args.workers, pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        model.train()
-        t_epoch = t_print = time.time()
-        seen, seen_print, loss_sum, loss_count = 0, 0, 0.0, 0
-        batches = steps_per_epoch * args.accum_steps
-        for i, (images, masks, _) in enumerate(loader):
-            if i >= batches:
-                break
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(device, args.amp):
-                logits = forward_model(images)
-            loss = criterion(logits, masks)
-            finite = torch.isfinite(loss.detach())
-            if world > 1:  # every rank must skip together or DDP's all-reduce would hang
-                flag = finite.float().to(device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = flag > 0
-            if not finite:
-                bad_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                warnings.warn(f"epoch {epoch} step {i}: non-finite loss, step skipped ({bad_steps} in a row)")
-                if bad_steps >= NAN_PATIENCE:  # every rank gets here together (the flag was reduced)
-                    state = checkpoint_state(epoch - 1)
-                    if rank == 0:
-                        save_checkpoint(state, output_dir / "nan_stop.pt")
-                    raise ValueError(f"{bad_steps} non-finite losses in a row at epoch {epoch}: lower --lr, "
-                                     f"check the data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}")
-                continue
-            bad_steps = 0
-            scaler.scale(loss / args.accum_steps).backward()
-            if (i + 1) % args.accum_steps == 0:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            seen += images.shape[0] * world
-            seen_print += images.shape[0] * world
-            loss_sum += float(loss.detach())
-            loss_count += 1
-            step = (i + 1) // args.accum_steps
-            if (i + 1) % (args.print_freq * args.accum_steps) == 0 or i + 1 == batches:
-                now = time.time()
-                rate = seen_print / max(now - t_print, 1e-9)
-                remaining = (batches - i - 1 + (last_epoch - epoch - 1) * batches) * args.batch_size * world
-                record = {"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss_sum / loss_count,
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": rate}
-                record.update({f"loss_{k}": v for k, v in criterion.parts.items()} if len(criterion.parts) > 1 else {})
-                log.print(f"epoch {epoch} [{step}/{steps_per_epoch}] loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                          f"{rate:.1f} img/s ETA {datetime.timedelta(seconds=int(remaining / max(rate, 1e-9)))}")
-                log.log(record)
-                t_print, seen_print, loss_sum, loss_count = now, 0, 0.0, 0
-        epoch_s = time.time() - t_epoch
-        log.log({"epoch": epoch, "epoch_seconds": epoch_s, "images_per_s": seen / max(epoch_s, 1e-9)})
-
+        run["epochs_left"] = last_epoch - epoch - 1
+        t = time.time()
+        try:
+            rate = train_one_epoch(forward_model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log)
+        except NonFiniteLoss:
+            saved = state(epoch - 1)  # every rank gets here together (the finite flag was reduced)
+            if rank == 0:
+                save_checkpoint(saved, output_dir / "nan_stop.pt")
+            raise ValueError(f"{run['bad_steps']} non-finite losses in a row at epoch {epoch}: lower --lr, check "
+                             f"the data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}") from None
+        log.log({"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate})
         metrics, improved = None, False
         if val_loader and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            metrics, confusion = validate(epoch)
-            improved = metrics["mIoU"] > best_miou
-            best_miou = max(best_miou, metrics["mIoU"])
-        state = checkpoint_state(epoch, metrics)  # on every rank: it gathers each rank's RNG state
+            metrics, confusion = validate(forward_model, val_loader, class_names, epoch, args, world, device, log)
+            improved, best_miou = metrics["mIoU"] > best_miou, max(best_miou, metrics["mIoU"])
+        saved = state(epoch, metrics)  # on every rank: it gathers each rank's RNG state
         if rank == 0:
-            save_checkpoint(state, output_dir / "last.pt")
-            # without validation the last weights are the best we know
-            if improved or val_loader is None:
-                save_checkpoint(state, output_dir / "best.pt")
-            if improved:
-                write_json(output_dir / "best_metrics.json",
-                           dict(metrics, epoch=epoch, confusion=confusion.tolist()), indent=1)
+            save_checkpoint(saved, output_dir / "last.pt")
+            if improved or val_loader is None:  # without validation the last weights are the best we know
+                save_checkpoint(saved, output_dir / "best.pt")
+        if rank == 0 and improved:
+            write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
     best = f"best mIoU {best_miou:.4f}" if best_miou >= 0 else "no validation"
     log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
+
+
+def run(args, given, rank, world, device):
+    seed_everything(args.seed + rank)
+    checkpoint, output_dir = resume_from(args, given, rank)
+    prepare_output_dir(output_dir, args, checkpoint is not None, rank)
+    log = Logger(None if args.test_only else output_dir, rank)
+    # the class list comes from the training JSON (or the checkpoint); other JSONs map onto it by name
+    train_json, val_json = resolve_jsons(args)
+    train_coco = None if args.test_only else load_coco(args.data_dir, train_json, skip_bad=args.skip_bad)
+    class_names = checkpoint["class_names"] if checkpoint else train_coco.class_names
+    if train_coco is not None and train_coco.class_names != class_names:
+        raise ValueError(f"{train_json}: classes {train_coco.class_names} differ from the checkpoint's {class_names}")
+    val_loader = get_val_loader(args, val_json, class_names, rank, world, device) if val_json else None
+    model, forward_model = build_network(args, len(class_names), checkpoint, device, world, log)
+    if args.test_only:
+        if not val_loader:
+            raise ValueError("--test-only needs a validation JSON")
+        metrics, _ = validate(forward_model, val_loader, class_names, checkpoint["epoch"] if checkpoint else 0,
+                              args, world, device, log)
+        log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
+        return metrics
+    train_set = get_dataset(args, train_coco, class_names, log)
+    fit(model, forward_model, train_set, val_loader, train_coco, class_names, checkpoint, output_dir,
+        args, rank, world, device, log)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_args_parser().parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        return run(args, given_flags(argv), rank, world, device)
+    except (DataError, ModelError, ValueError) as e:
+        if rank == 0:
+            print(f"error: {e}", flush=True)
+        sys.exit(2)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

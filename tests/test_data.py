@@ -1,6 +1,9 @@
 import json
+import math
 import random
-import warnings
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +12,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
+import coco as coco_module
 import data
+import dataset
+import outputs
 from conftest import CATEGORIES, square, write_set
-from data import DataError, MaskCache, SegmentationDataset, load_coco, paint_mask
+from coco import DataError, MaskCache, load_coco, paint_mask, pixel_counts
+from dataset import SegmentationDataset
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_class_list_is_background_plus_categories_in_id_order(tmp_path):
@@ -20,11 +29,16 @@ def test_class_list_is_background_plus_categories_in_id_order(tmp_path):
     assert load_coco(tmp_path, "train_all.json").class_names == ["Background", "Paper", "Metal"]
 
 
-def test_competition_classes_keep_their_colours():
-    colors = data.palette(["Background", "Clothing", "Sky"])
-    assert colors[1] == data.COMPETITION_COLORS[10]
+def test_competition_classes_keep_their_colours_and_every_class_gets_its_own():
+    colors = coco_module.palette(["Background", "Clothing", "Sky"])
+    assert colors[1] == coco_module.COMPETITION_COLORS[10]
     assert colors[0] == (0, 0, 0)
-    assert colors[2] not in data.COMPETITION_COLORS
+    assert len(set(colors)) == 3
+    # the 11 competition colours lie far apart (RGB distance), so an overlay's classes can be told apart
+    comp = coco_module.palette(coco_module.COMPETITION_CLASSES)
+    assert min(math.dist(a, b) for i, a in enumerate(comp) for b in comp[i + 1:]) > 90
+    many = coco_module.palette([f"class {i}" for i in range(40)])  # past the fixed list: still all distinct
+    assert len(set(many)) == 40
 
 
 def test_small_objects_lie_on_top_whatever_the_json_order(tmp_path):
@@ -47,7 +61,7 @@ def test_rle_compressed_and_uncompressed_iscrowd(tmp_path):
     anns = [{"image_id": 1, "category_id": 2, "area": 18,
              "segmentation": {"size": [10, 12], "counts": compressed["counts"].decode()}},
             {"image_id": 1, "category_id": 1, "area": 12, "iscrowd": 1,
-             "segmentation": data._uncompressed_rle(other.astype(bool))}]
+             "segmentation": data.uncompressed_rle(other.astype(bool))}]
     write_set(tmp_path, [("a.jpg", 12, 10)], anns)
     coco = load_coco(tmp_path, "train_all.json")
     mask = paint_mask(coco.images[0], coco.annotations(coco.images[0]), coco.cat_to_class)
@@ -90,13 +104,16 @@ def _bad_case(tmp_path, case):
         raw["annotations"].append({"id": 9, "image_id": 42, "category_id": 1, "segmentation": square(0, 0, 2, 2)})
     elif case == "duplicate image id":
         raw["images"].append({"id": 2, "file_name": "a.jpg", "width": 8, "height": 8})
+    elif case == "unknown category":
+        raw["annotations"].append({"id": 9, "image_id": 2, "category_id": 7, "segmentation": square(0, 0, 2, 2)})
     path.write_text(json.dumps(raw))
     return path
 
 
 BAD_CASES = {"missing image": r"b\.jpg.*not found", "undecodable image": r"b\.jpg.*cannot be read",
              "size mismatch": r"b\.jpg.*8x8 but the JSON says 9x8", "short polygon": r"annotation 9.*fewer than 3",
-             "unknown image id": r"annotation 9.*unknown image id 42", "duplicate image id": r"duplicate image id 2"}
+             "unknown image id": r"annotation 9.*unknown image id 42", "duplicate image id": r"duplicate image id 2",
+             "unknown category": r"annotation 9 \(image id 2\) has unknown category id 7"}
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
@@ -130,7 +147,7 @@ def test_unexpected_failure_in_a_sample_names_it(tmp_path, monkeypatch):
     write_set(tmp_path, [("a.jpg", 8, 8)], [{"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 4, 4),
                                              "area": 16}])
     ds = SegmentationDataset(load_coco(tmp_path, "train_all.json"), img_size=8)
-    monkeypatch.setattr(data, "paint_mask", lambda *a: 1 / 0)
+    monkeypatch.setattr(coco_module, "paint_mask", lambda *a: 1 / 0)
     with pytest.raises(DataError, match=r"a\.jpg \(id 1\) of .*train_all.json: ZeroDivisionError"):
         ds[0]
     ds.skip_bad = True
@@ -165,7 +182,7 @@ def test_augmentation_keeps_image_and_mask_aligned(preset):
     mask[0:30, 90:128] = 3
     image = torch.zeros(3, 96, 128, dtype=torch.uint8)
     image[0] = mask * 80
-    transform = data.build_transform(preset, 64)
+    transform = dataset.build_transform(preset, 64)
     for _ in range(20):
         out_image, out_mask = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         assert out_mask.shape == (64, 64) and out_mask.dtype == torch.uint8
@@ -180,7 +197,7 @@ def test_explicit_flip_and_crop_move_image_and_mask_together():
     mask = torch.zeros(8, 8, dtype=torch.uint8)
     mask[0, 0] = 1  # a marked corner pixel
     image = (mask * 200).expand(3, 8, 8).clone()
-    ops = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.RandomVerticalFlip(p=1.0), data.RandomRot90()])
+    ops = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.RandomVerticalFlip(p=1.0), dataset.RandomRot90()])
     for seed in range(8):
         torch.manual_seed(seed)
         out_image, out_mask = ops(tv_tensors.Image(image), tv_tensors.Mask(mask))
@@ -211,7 +228,7 @@ def test_mask_cache_decodes_once_and_follows_changes(tmp_path, monkeypatch):
     img = coco.images[0]
     cache = MaskCache(tmp_path / "cache")
     first = cache.get(img, coco.annotations(img), coco.cat_to_class)
-    monkeypatch.setattr(data, "paint_mask", lambda *a: pytest.fail("painted again despite the cache"))
+    monkeypatch.setattr(coco_module, "paint_mask", lambda *a: pytest.fail("painted again despite the cache"))
     assert np.array_equal(cache.get(img, coco.annotations(img), coco.cat_to_class), first)
     changed = [dict(anns[0], segmentation=square(2, 2, 6, 6))]
     assert cache.key(img, changed, coco.cat_to_class) != cache.key(img, coco.annotations(img), coco.cat_to_class)
@@ -236,8 +253,8 @@ def test_copy_paste_adds_rare_class_pixels(tmp_path):
             {"image_id": 2, "category_id": 1, "segmentation": square(20, 20, 32, 32), "area": 144}]
     write_set(tmp_path, [("a.jpg", 32, 32), ("b.jpg", 32, 32)], anns)
     coco = load_coco(tmp_path, "train_all.json")
-    assert [coco.class_names[c] for c in data.CopyPaste(coco).classes] == ["Battery", "Metal"]  # 2 rarest
-    paste = data.CopyPaste(coco, classes=["Battery"], prob=1.0, max_objects=1)
+    assert [coco.class_names[c] for c in dataset.CopyPaste(coco).classes] == ["Battery", "Metal"]  # 2 rarest
+    paste = dataset.CopyPaste(coco, classes=["Battery"], prob=1.0, max_objects=1)
     ds = SegmentationDataset(coco, img_size=32, copy_paste=paste)
     image, mask = ds.load(1)
     source_pixels = int((ds.load(0)[1] == 3).sum())
@@ -253,8 +270,8 @@ def test_copy_paste_adds_rare_class_pixels(tmp_path):
 
 def test_demo_set_has_every_class_and_both_jsons(demo_dir):
     coco = load_coco(demo_dir, "train_all.json")
-    assert coco.class_names == data.COMPETITION_CLASSES
-    present = set(np.flatnonzero(data.pixel_counts(coco).sum(0)))
+    assert coco.class_names == coco_module.COMPETITION_CLASSES
+    present = set(np.flatnonzero(pixel_counts(coco).sum(0)))
     assert present == set(range(11))
     kinds = {type(a["segmentation"]).__name__ for anns in coco.anns_by_image.values() for a in anns}
     assert kinds == {"list", "dict"}
@@ -262,35 +279,71 @@ def test_demo_set_has_every_class_and_both_jsons(demo_dir):
     assert not test.labeled and len(test) == 4
 
 
+def run_data_py(*args):
+    return subprocess.run([sys.executable, "data.py", *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
 def test_summary_and_overlays_from_the_command_line(demo_dir, tmp_path):
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "data.py", "--data-dir", str(demo_dir), "--vis", "2", "--output-dir",
-                          str(tmp_path / "vis"), "--mask-cache", "none"], capture_output=True, text=True,
-                         cwd=data.__file__.rsplit("/", 1)[0])
+    out = run_data_py("--data-dir", demo_dir, "--vis", "2", "--output-dir", tmp_path / "vis", "--mask-cache", "none")
     assert out.returncode == 0, out.stderr
-    assert "Clothing" in out.stdout and "log" in out.stdout
+    assert "Clothing" in out.stdout and "log" in out.stdout and "decoded in full" in out.stdout
     pngs = sorted((tmp_path / "vis").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size[1] > 200
-    bad = subprocess.run([sys.executable, "data.py", "--data-dir", str(tmp_path), "--json", "missing.json"],
-                         capture_output=True, text=True, cwd=data.__file__.rsplit("/", 1)[0])
+    bad = run_data_py("--data-dir", tmp_path, "--json", "missing.json")
     assert bad.returncode != 0 and "missing.json: file not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_summary_weights_are_the_ones_training_uses(demo_dir):
-    from losses import WEIGHT_METHODS, class_weights
-    coco = data.load_coco(demo_dir, "train_all.json")
+def test_summary_decodes_every_image_and_finds_a_truncated_one(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "b.jpg", quality=95)  # pixel data far longer than the header
+    write_set(tmp_path, [("a.jpg", 64, 48), ("b.jpg", 320, 240)], [])
+    whole = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(whole[: len(whole) // 2])  # the header is intact, the pixels are not
+    assert load_coco(tmp_path, "train_all.json")  # a header-only check passes it ...
+    with pytest.raises(DataError, match=r"b\.jpg \(id 2\) cannot be decoded"):
+        load_coco(tmp_path, "train_all.json", decode=True)  # ... a full decode does not
+    out = run_data_py("--data-dir", tmp_path)
+    assert out.returncode != 0 and "b.jpg (id 2) cannot be decoded" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_json_without_categories_says_so(tmp_path):
+    path = write_set(tmp_path, [("a.jpg", 8, 8)], [{"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 4, 4),
+                                                    "area": 16}])
+    raw = json.loads(path.read_text())
+    del raw["categories"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="train_all.json: no 'categories' list"):
+        load_coco(tmp_path, "train_all.json")
+    unlabeled = {"images": raw["images"]}  # a test JSON without categories is fine once the run's classes are known
+    (tmp_path / "test.json").write_text(json.dumps(unlabeled))
+    assert len(load_coco(tmp_path, "test.json", class_names=["Background", "Paper"])) == 1
+
+
+def test_summary_weights_follow_the_published_formulas(demo_dir):
+    coco = load_coco(demo_dir, "train_all.json")
     rows = [line.split() for line in data.summarize(coco).splitlines() if line[:2].strip().isdigit()]
     assert len(rows) == len(coco.class_names)
-    for m_index, method in enumerate(WEIGHT_METHODS):
-        used = class_weights(data.pixel_counts(coco), method)  # what train.py --class-weights computes
-        shown = [float(row[len(row) - len(WEIGHT_METHODS) + m_index]) for row in rows]
-        assert shown == pytest.approx(used.tolist(), abs=1e-3), method
+    shown = {m: np.array([float(row[len(row) - 3 + k]) for row in rows]) for k, m in
+             enumerate(("inverse", "log", "median"))}
+    # expected weights computed here from the JSON itself by the documented formulas (1/f, 1/ln(1.02 + f), and
+    # median frequency over the images holding each class), with pixels = annotation areas, Background the rest
+    raw = json.loads((Path(demo_dir) / "train_all.json").read_text())
+    row_of = {img["id"]: i for i, img in enumerate(raw["images"])}
+    per_image = np.zeros((len(raw["images"]), 11))
+    for ann in raw["annotations"]:
+        per_image[row_of[ann["image_id"]], ann["category_id"]] += round(ann["area"])
+    for img in raw["images"]:
+        per_image[row_of[img["id"]], 0] = max(0, img["width"] * img["height"] - per_image[row_of[img["id"]]].sum())
+    f = per_image.sum(0) / per_image.sum()
+    median_f = per_image.sum(0) / ((per_image > 0) * per_image.sum(1, keepdims=True)).sum(0)
+    for method, weights in (("inverse", 1 / f), ("log", 1 / np.log(1.02 + f)), ("median", np.median(median_f) / median_f)):
+        assert shown[method] == pytest.approx(weights / weights.mean(), abs=1e-3), method
 
 
 def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
     metrics = {"mIoU": 0.5, "per_class": {"Glass": {"IoU": float("nan")}}, "x": [float("inf"), 1.0]}
-    data.write_json(tmp_path / "m.json", metrics)
+    outputs.write_json(tmp_path / "m.json", metrics)
 
     def reject(name):
         raise ValueError(f"non-standard JSON constant {name}")

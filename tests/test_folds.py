@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coco import load_coco
+from conftest import square, write_set
 from folds import class_holders, fold_table, image_groups, random_folds, stratified_group_kfold
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +47,7 @@ def test_balances_better_than_a_seeded_random_split():
     counts = imbalanced_counts()
     groups = [f"img{i}" for i in range(len(counts))]
     ours = class_deviations(counts, stratified_group_kfold(counts, groups, 5, seed=1), 5)
-    randoms = np.array([class_deviations(counts, random_folds(len(counts), groups, 5, seed=s), 5) for s in range(5)])
+    randoms = np.array([class_deviations(counts, random_folds(groups, 5, seed=s), 5) for s in range(5)])
     assert ours.mean() < 0.5 * randoms.mean(1).min(), (ours, randoms)
     # class 5 sits in exactly k images of unequal size, one per fold: no split can even it out
     assert (ours[:5] < randoms[:, :5].min(0)).all(), (ours, randoms)
@@ -84,6 +86,7 @@ def test_absent_class_gives_no_nan_in_the_table():
     assert "nan" not in table.lower() and np.isfinite(worst)
 
 
+@pytest.mark.slow
 def test_command_writes_valid_partitioning_coco_files(demo_dir, tmp_path):
     out = subprocess.run([sys.executable, "folds.py", "--data-dir", str(demo_dir), "--output-dir", str(tmp_path),
                           "--k", "3", "--compare-random"], capture_output=True, text=True, cwd=REPO)
@@ -106,3 +109,21 @@ def test_command_writes_valid_partitioning_coco_files(demo_dir, tmp_path):
 def test_too_few_groups_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="3 groups cannot fill 5 folds"):
         stratified_group_kfold(np.ones((3, 2)), ["a", "b", "c"], k=5)
+
+
+def test_skip_bad_keeps_dropped_annotations_out_of_the_fold_files(tmp_path):
+    images = [(f"{i}.jpg", 8, 8) for i in range(6)]
+    anns = [{"image_id": i + 1, "category_id": 1, "segmentation": square(0, 0, 4, 4), "area": 16} for i in range(6)]
+    anns.append({"image_id": 2, "category_id": 1, "segmentation": [[0, 0, 3, 3]], "area": 1})  # 2 points: bad
+    anns.append({"image_id": 3, "category_id": 99, "segmentation": square(0, 0, 2, 2), "area": 4})  # unknown class
+    write_set(tmp_path, images, anns)
+    out = subprocess.run([sys.executable, "folds.py", "--data-dir", str(tmp_path), "--output-dir",
+                          str(tmp_path / "folds"), "--k", "3", "--skip-bad"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "skipping 2 bad entries" in out.stderr
+    total = 0
+    for f in range(3):
+        for part in ("train", "val"):
+            fold = load_coco(tmp_path, tmp_path / "folds" / f"{part}_fold{f}.json")  # no --skip-bad needed now
+            total += sum(len(a) for a in fold.anns_by_image.values()) if part == "val" else 0
+    assert total == 6  # the six good annotations, each in exactly one val fold

@@ -1,3 +1,4 @@
+import re
 import urllib.error
 
 import pytest
@@ -5,14 +6,20 @@ import torch
 import torchvision
 
 import model as model_module
-from model import ModelError, build_model, load_weights
+from checkpoint import load_weights
+from model import ModelError, build_model
 
-CASES = [("deeplabv3plus", "resnet18", None), ("deeplabv3plus", "resnet50", 8),
-         ("deeplabv3plus", "mobilenet_v3_large", None), ("deeplabv3plus", "efficientnet_b0", None),
-         ("deeplabv3plus", "convnext_tiny", None), ("deeplabv3plus", "swin_t", None),
-         ("unet", "resnet18", None), ("unet", "resnet50", None), ("unet", "mobilenet_v3_large", None),
-         ("unet", "efficientnet_b0", None), ("unet", "convnext_tiny", None), ("unet", "swin_t", None),
-         ("unet", "regnet_y_400mf", None)]
+HEAVY = pytest.mark.slow  # a large network: seconds to build and run on the CPU
+CASES = [("deeplabv3plus", "resnet18", None), pytest.param("deeplabv3plus", "resnet50", 8, marks=HEAVY),
+         pytest.param("deeplabv3plus", "mobilenet_v3_large", None, marks=HEAVY),
+         pytest.param("deeplabv3plus", "efficientnet_b0", None, marks=HEAVY),
+         pytest.param("deeplabv3plus", "convnext_tiny", None, marks=HEAVY),
+         pytest.param("deeplabv3plus", "swin_t", None, marks=HEAVY),
+         ("unet", "resnet18", None), pytest.param("unet", "resnet50", None, marks=HEAVY),
+         pytest.param("unet", "mobilenet_v3_large", None, marks=HEAVY),
+         pytest.param("unet", "efficientnet_b0", None, marks=HEAVY),
+         pytest.param("unet", "convnext_tiny", None, marks=HEAVY), pytest.param("unet", "swin_t", None, marks=HEAVY),
+         pytest.param("unet", "regnet_y_400mf", None, marks=HEAVY)]
 
 
 def first_conv(net):
@@ -34,6 +41,7 @@ def test_shapes_finite_and_gradients_reach_the_first_conv(arch, backbone, output
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_output_stride_by_dilation_and_its_limits():
     net = build_model("deeplabv3plus", "resnet50", 3, output_stride=8)
     assert net.encoder.strides == [2, 4, 8, 8, 8]
@@ -57,27 +65,27 @@ def test_aspp_rates_follow_the_output_stride():
 def test_deeplab_head_is_separable_by_default_and_full_on_request():
     def depthwise(net):
         return [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
-    net = build_model("deeplabv3plus", "resnet18", 3, verbose=False)
+    net = build_model("deeplabv3plus", "resnet18", 3)
     # ASPP's three atrous branches and the refinement conv
     assert len(depthwise(net.aspp)) == 3 and len(depthwise(net.refine)) == 1
     for block in net.refine:  # depthwise feeds the pointwise conv directly, no norm/activation between
         assert isinstance(block[0], torch.nn.Conv2d) and block[0].groups > 1
         assert isinstance(block[1], torch.nn.Conv2d) and block[1].kernel_size == (1, 1)
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
-    full = build_model("deeplabv3plus", "resnet18", 3, separable=False, verbose=False)
+    full = build_model("deeplabv3plus", "resnet18", 3, separable=False)
     assert not depthwise(full.aspp) and not depthwise(full.refine)
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in net.parameters())
 
 
 def test_deeplab_decoder_conv_count():
-    one = build_model("deeplabv3plus", "resnet18", 3, verbose=False)  # SMP's one by default
-    two = build_model("deeplabv3plus", "resnet18", 3, decoder_convs=2, verbose=False)  # the paper's
+    one = build_model("deeplabv3plus", "resnet18", 3)  # SMP's one by default
+    two = build_model("deeplabv3plus", "resnet18", 3, decoder_convs=2)  # the paper's
     assert len(two.refine) == 2 and len(one.refine) == 1
     assert one.refine[0][0].in_channels == 256 + 48  # the one conv takes the fused features
     assert sum(p.numel() for p in one.parameters()) < sum(p.numel() for p in two.parameters())
     assert one(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
     with pytest.raises(ModelError, match="at least 1 decoder conv"):
-        build_model("deeplabv3plus", "resnet18", 3, decoder_convs=0, verbose=False)
+        build_model("deeplabv3plus", "resnet18", 3, decoder_convs=0)
 
 
 def test_whole_model_weights_round_trip(tmp_path):
@@ -85,7 +93,9 @@ def test_whole_model_weights_round_trip(tmp_path):
     net = build_model("unet", "resnet18", 4).eval()
     torch.save({"model": net.state_dict()}, tmp_path / "ckpt.pt")  # a checkpoint holding the model
     torch.manual_seed(1)
-    other = build_model("unet", "resnet18", 4, weights=str(tmp_path / "ckpt.pt"), verbose=False).eval()
+    other = build_model("unet", "resnet18", 4)
+    assert re.match(r".*ckpt.pt: loaded (\d+) of \1 model tensors$", load_weights(other, tmp_path / "ckpt.pt"))
+    other.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(net(x), other(x))

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import coco
 import ensemble
+import inference
+import outputs
 import predict
 import train
-from predict import PredictError
+from checkpoint import model_from_checkpoint, read_checkpoint
 from ensemble import hard_vote
+from metrics import per_image_iou
+from model import ModelError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,6 +45,7 @@ def read_csv(path):
         return list(csv.reader(f))
 
 
+@pytest.mark.slow
 def test_submission_csv_format(demo_dir, run_dirs, tmp_path):
     out = tmp_path / "pred"
     run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json", "--tta")
@@ -54,14 +59,14 @@ def test_submission_csv_format(demo_dir, run_dirs, tmp_path):
         assert all(0 <= int(v) <= 10 for v in set(ids))
     manifest = json.loads((out / "predictions.json").read_text())
     first = manifest["images"][0]
-    mask = data.read_mask(out / first["mask"])
+    mask = coco.read_mask(out / first["mask"])
     assert mask.shape == (first["height"], first["width"])  # original size
     assert len({(e["height"], e["width"]) for e in manifest["images"]}) > 1  # the demo mixes sizes
     for entry in manifest["images"]:  # probabilities come back at each image's own size
         probs = np.load(out / entry["probs"])
         assert probs.dtype == np.float16 and probs.shape == (11, entry["height"], entry["width"])
         assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
-        assert (probs.argmax(0) == data.read_mask(out / entry["mask"])).mean() > 0.99
+        assert (probs.argmax(0) == coco.read_mask(out / entry["mask"])).mean() > 0.99
 
 
 def test_prob_size_caps_the_longer_side_keeping_aspect():
@@ -76,7 +81,7 @@ def test_csv_row_is_nearest_resized_row_major():
     mask = np.zeros((4, 6), np.uint8)
     mask[:, 3:] = 2
     mask[0, 0] = 1
-    name, prediction = predict.csv_row("x.jpg", mask, 2)
+    name, prediction = outputs.csv_row("x.jpg", mask, 2)
     assert name == "x.jpg" and prediction == "1 2 0 2"
 
 
@@ -84,33 +89,32 @@ def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 1)).eval()
     images = torch.randn(3, 3, 16, 16)
-    plain = predict.predict_probs(net, images, 16)
-    tta = predict.predict_probs(net, images, 16, tta=True)
+    plain = inference.predict_probs(net, images, 16)
+    tta = inference.predict_probs(net, images, 16, tta=True)
     assert torch.allclose(plain, tta, atol=1e-6)
     # and a network that is not flip-equivariant is changed by it: TTA really ran
     net3 = torch.nn.Conv2d(3, 5, 3, padding=1).eval()
-    assert not torch.allclose(predict.predict_probs(net3, images, 16), predict.predict_probs(net3, images, 16, True))
+    assert not torch.allclose(inference.predict_probs(net3, images, 16), inference.predict_probs(net3, images, 16, True))
     with torch.no_grad():  # the mean of the three views, each flipped back
         by_hand = (net3(images).softmax(1) + net3(images.flip(-1)).softmax(1).flip(-1)
                    + net3(images.flip(-2)).softmax(1).flip(-2)) / 3
-    assert torch.allclose(predict.predict_probs(net3, images, 16, True, channels_last=True), by_hand, atol=1e-6)
-    multi = predict.predict_probs(net, images, 16, tta=True, scales=(0.5, 1.0, 1.5))
+    assert torch.allclose(inference.predict_probs(net3, images, 16, True, channels_last=True), by_hand, atol=1e-6)
+    multi = inference.predict_probs(net, images, 16, tta=True, scales=(0.5, 1.0, 1.5))
     assert multi.shape == (3, 5, 16, 16) and torch.allclose(multi.sum(1), torch.ones(3, 16, 16), atol=1e-5)
 
 
 def test_eval_of_a_perfect_prediction_gives_miou_one(demo_dir, tmp_path):
-    from data import load_coco, SegmentationDataset
-    coco = load_coco(demo_dir, "train_all.json")
-    ds = SegmentationDataset(coco)
-    results = [(img["file_name"], ds.load(i)[1].numpy(), ds.load(i)[1].numpy()) for i, img in enumerate(coco.images[:3])]
+    demo = coco.load_coco(demo_dir, "train_all.json")
+    results = [(img["file_name"], coco.load_mask(demo, i), coco.load_mask(demo, i)) for i, img in enumerate(demo.images[:3])]
     out = tmp_path / "perfect"
     out.mkdir()
-    metrics = predict.finish(out, coco.class_names, results, demo_dir, 256, 0, True)
+    metrics = outputs.write_results(out, demo.class_names, results, demo_dir, 256, 0, True)
     assert metrics["mIoU"] == 1.0
     per_image = read_csv(out / "per_image.csv")
     assert per_image[0][:2] == ["image_id", "mIoU"] and all(float(r[1]) == 1.0 for r in per_image[1:])
 
 
+@pytest.mark.slow
 def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
     out = tmp_path / "eval"
     run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "train_all.json", "--eval", "--vis", "3")
@@ -130,13 +134,15 @@ def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
                 str(tmp_path / "retrain"), "--mask-cache", "none", "--print-freq", "100"])
     log = (tmp_path / "retrain" / "log.jsonl").read_text()
     assert json.loads(log.splitlines()[-1])["epoch"] == 0
-    from data import load_coco, SegmentationDataset
-    coco = load_coco(demo_dir, pseudo / "pseudo.json", class_names=load_coco(demo_dir, "train_all.json").class_names)
-    assert coco.labeled and len(coco) == 4
-    image, mask, _ = SegmentationDataset(coco, 48)[0]
+    from dataset import SegmentationDataset
+    pseudo_set = coco.load_coco(demo_dir, pseudo / "pseudo.json",
+                                class_names=coco.load_coco(demo_dir, "train_all.json").class_names)
+    assert pseudo_set.labeled and len(pseudo_set) == 4
+    image, mask, _ = SegmentationDataset(pseudo_set, 48)[0]
     assert mask.shape == (48, 48)
 
 
+@pytest.mark.slow
 def test_output_dir_is_never_overwritten_silently(demo_dir, run_dirs, tmp_path):
     out = tmp_path / "once"
     run_predict(demo_dir, run_dirs / "a" / "best.pt", out, "--json", "test.json", "--no-probs")
@@ -146,16 +152,32 @@ def test_output_dir_is_never_overwritten_silently(demo_dir, run_dirs, tmp_path):
     assert (out / "probs").is_dir()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_is_a_clear_error(run_dirs, tmp_path):
     ckpt = torch.load(run_dirs / "a" / "best.pt", weights_only=True)
     ckpt["class_names"] = ckpt["class_names"][:5]
     torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(PredictError, match="do not fit unet/resnet18 with 5 classes"):
-        predict.load_checkpoint_model(tmp_path / "bad.pt", torch.device("cpu"))
+    with pytest.raises(ModelError, match="do not fit unet/resnet18 with 5 classes"):
+        model_from_checkpoint(read_checkpoint(tmp_path / "bad.pt"), tmp_path / "bad.pt")
+    torch.save({"model": ckpt["model"]}, tmp_path / "weights_only.pt")
+    with pytest.raises(SystemExit, match="not a train.py checkpoint .lacks args, class_names"):
+        predict.main(["--ckpt", str(tmp_path / "weights_only.pt"), "--output-dir", str(tmp_path / "p")])
+
+
+class Pickled:
+    """An object torch.load(weights_only=True) refuses to unpickle: stands for code hidden in a file."""
+
+
+def test_a_checkpoint_holding_objects_is_refused_in_plain_words(tmp_path):
+    torch.save({"model": {}, "args": Pickled(), "class_names": ["Background"]}, tmp_path / "unsafe.pt")
+    with pytest.raises(SystemExit) as info:
+        predict.main(["--ckpt", str(tmp_path / "unsafe.pt"), "--output-dir", str(tmp_path / "p")])
+    message = str(info.value)
+    assert "unsafe.pt: refused as unsafe" in message and "objects other than tensors" in message
+    assert "weights_only" in message and "Check the documentation" not in message
 
 
 def test_per_image_iou_on_crafted_masks():
-    from predict import per_image_iou
     target = np.array([[0, 0, 1, 1],
                        [0, 0, 1, 1],
                        [0, 0, 255, 255],
@@ -183,26 +205,38 @@ def test_hard_voting_on_crafted_masks():
     assert hard_vote([a, b, c], [1, 1, 1], 6, tie)[1, 0] == 4
 
 
-def test_soft_voting_is_the_weighted_average(demo_dir, run_dirs, tmp_path):
+@pytest.mark.slow
+def test_soft_and_hard_voting_against_votes_counted_here(demo_dir, run_dirs, tmp_path):
     pa, pb = tmp_path / "pa", tmp_path / "pb"
     run_predict(demo_dir, run_dirs / "a" / "best.pt", pa, "--json", "test.json")
     run_predict(demo_dir, run_dirs / "b" / "best.pt", pb, "--json", "test.json")
     out = tmp_path / "ens"
     ensemble.main([str(pa), str(pb), str(out), "--output-dir", str(out), "--weights", "3", "1"])  # out is skipped
     manifest = json.loads((pa / "predictions.json").read_text())
-    for entry in manifest["images"]:
-        h, w = entry["height"], entry["width"]
-        avg = (3 * ensemble.load_probs({"path": pa, "images": {entry["file_name"]: entry}}, entry["file_name"], h, w)
-               + ensemble.load_probs({"path": pb, "images": {entry["file_name"]: dict(entry)}}, entry["file_name"], h, w)) / 4
-        expected = avg.argmax(0).numpy()
-        assert np.array_equal(data.read_mask(out / entry["mask"]), expected)
+    for entry in manifest["images"]:  # probabilities are saved at each image's size: average them here
+        a = np.load(pa / entry["probs"]).astype(np.float32)
+        b = np.load(pb / entry["probs"]).astype(np.float32)
+        expected = ((3 * a + b) / 4).argmax(0)
+        assert np.array_equal(coco.read_mask(out / entry["mask"]), expected)
     assert len(read_csv(out / "submission.csv")) == 1 + len(manifest["images"])
 
+    # hard vote of three bare CSVs, counted here pixel by pixel: a majority wins, a three-way tie goes to the first
+    csvs = [pa / "submission.csv", pb / "submission.csv", out / "submission.csv"]
     hard = tmp_path / "hard"
-    ensemble.main([str(pa / "submission.csv"), str(pb / "submission.csv"), "--output-dir", str(hard)])
-    assert read_csv(hard / "submission.csv")[1][0] == manifest["images"][0]["file_name"]
+    ensemble.main([str(c) for c in csvs] + ["--output-dir", str(hard)])
+    rows = [read_csv(c)[1:] for c in csvs]
+    voted = read_csv(hard / "submission.csv")[1:]
+    assert [r[0] for r in voted] == [e["file_name"] for e in manifest["images"]]
+    disagreements = 0
+    for row, (ra, rb, rc) in zip(voted, zip(*rows)):
+        a, b, c = (np.array(r[1].split(), int) for r in (ra, rb, rc))
+        expected = np.where(b == c, b, a)  # b and c agree against a: theirs; otherwise a agrees with one, or a wins
+        assert np.array_equal(np.array(row[1].split(), int), expected)
+        disagreements += int((a != b).sum())
+    assert disagreements > 0  # the two runs differ, so the vote decided something
 
 
+@pytest.mark.slow
 def test_mismatched_inputs_are_rejected(demo_dir, run_dirs, tmp_path):
     pa, pb = tmp_path / "pa", tmp_path / "pb"
     run_predict(demo_dir, run_dirs / "a" / "best.pt", pa, "--json", "test.json", "--no-probs")
@@ -211,3 +245,19 @@ def test_mismatched_inputs_are_rejected(demo_dir, run_dirs, tmp_path):
         ensemble.main([str(pa), str(pb), "--output-dir", str(tmp_path / "e")])
     with pytest.raises(SystemExit, match="soft voting needs probs"):
         ensemble.main([str(pa), str(pa), "--mode", "soft", "--output-dir", str(tmp_path / "e2")])
+
+
+def test_voting_loads_no_network_code():
+    probe = "import sys, ensemble; print(sorted(m for m in sys.modules if m.startswith(('torchvision', 'model', 'train', 'predict'))))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("stage", ["data", "folds", "train", "predict", "ensemble"])
+def test_no_stage_imports_another_stage(stage):
+    import ast
+    tree = ast.parse((REPO / f"{stage}.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & ({"data", "folds", "train", "predict", "ensemble"} - {stage})

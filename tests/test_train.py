@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ import torch
 
 import predict
 import train
+from checkpoint import model_from_checkpoint, read_checkpoint
+from metrics import confusion_matrix, metrics_table, segmentation_metrics
 from model import build_model
-from train import confusion_matrix, segmentation_metrics
+from optim import build_optimizer, lr_factor
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["Background", "A", "B", "C"]
@@ -56,9 +59,10 @@ def test_metrics_on_a_hand_computed_matrix_with_absent_classes():
     assert math.isclose(m["mIoU"], (iou_bg + iou_a + iou_c) / 3)
     assert math.isclose(m["mAcc"], (8 / 10 + 4 / 6) / 2)       # accuracy needs GT pixels
     assert math.isclose(m["aAcc"], 12 / 16)
-    table = train.metrics_table(m)
-    assert "absent from ground truth and prediction" in table and "predicted: IoU 0" in table.replace(
-        "absent from ground truth but predicted: IoU 0", "predicted: IoU 0")
+    lines = {line.split()[0]: line for line in metrics_table(m).splitlines()[1:-1]}
+    assert "absent from ground truth and prediction" in lines["B"]
+    assert "absent from ground truth but predicted: IoU 0" in lines["C"]
+    assert "absent" not in lines["A"]
 
 
 def test_perfect_prediction_gives_miou_one():
@@ -68,10 +72,10 @@ def test_perfect_prediction_gives_miou_one():
 
 def test_lr_schedules_warm_up_and_decay():
     for kind in ("poly", "cosine", "step", "onecycle"):
-        factors = [train.lr_factor(s, 100, 10, kind) for s in range(100)]
+        factors = [lr_factor(s, 100, 10, kind) for s in range(100)]
         assert all(0 <= f <= 1.0 + 1e-9 for f in factors)
         assert factors[-1] < 0.2 and max(factors) > 0.9, kind
-    assert train.lr_factor(0, 100, 10, "poly") == 0.1
+    assert lr_factor(0, 100, 10, "poly") == 0.1
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -80,8 +84,8 @@ def test_optimizer_is_fused_and_steps_like_the_reference_implementation():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 2, 1))
     twin, start = copy.deepcopy(net), net[0].weight.detach().clone()
-    args = train.get_args(["--lr", "1e-2", "--weight-decay", "0.1"])
-    fused, reference = train.build_optimizer(net, args), train.build_optimizer(twin, args)
+    fused = build_optimizer(net, "adamw", lr=1e-2, weight_decay=0.1)
+    reference = build_optimizer(twin, "adamw", lr=1e-2, weight_decay=0.1)
     assert all(g["fused"] for g in fused.param_groups)
     for g in reference.param_groups:  # torch's per-tensor loop, the implementation the fused kernel must match
         g["fused"], g["foreach"] = False, False
@@ -97,6 +101,7 @@ def test_optimizer_is_fused_and_steps_like_the_reference_implementation():
     assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0]  # no decay on norms and biases
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_the_tiny_set(demo_dir, tmp_path):
     out = tmp_path / "run"
     train.main(tiny_args(demo_dir, out, "--epochs", "12", "--aug", "none", "--val-every", "12"))
@@ -112,6 +117,7 @@ def test_tiny_model_overfits_the_tiny_set(demo_dir, tmp_path):
     assert ckpt["class_names"][0] == "Background" and ckpt["epoch"] == 11
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(demo_dir, tmp_path):
     common = ["--epochs", "4", "--aug", "basic", "--val-every", "2", "--seed", "3"]
     train.main(tiny_args(demo_dir, tmp_path / "straight", *common))
@@ -126,6 +132,7 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
     out = tmp_path / "amp"
     train.main(tiny_args(demo_dir, out, "--epochs", "1", "--amp", "--loss", "focal+dice", "--class-weights", "log",
@@ -134,17 +141,19 @@ def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert ckpt["args"]["amp"] and ckpt["args"]["loss"] == "focal+dice"
     # the checkpoint rebuilds with its own decoder, not the default one
-    assert len(predict.load_checkpoint_model(out / "last.pt", torch.device("cpu"))[0].refine) == 2
+    assert len(model_from_checkpoint(read_checkpoint(out / "last.pt")).refine) == 2
     # a checkpoint from before --separable and --decoder-convs: a full head with the paper's two decoder convs
     del ckpt["args"]["separable"], ckpt["args"]["decoder_convs"]
     ckpt["model"] = build_model("deeplabv3plus", "resnet18", len(ckpt["class_names"]), separable=False,
-                                decoder_convs=2, verbose=False).state_dict()
+                                decoder_convs=2).state_dict()
     torch.save(ckpt, tmp_path / "old.pt")
-    old = predict.load_checkpoint_model(tmp_path / "old.pt", torch.device("cpu"))[0]
+    old = model_from_checkpoint(read_checkpoint(tmp_path / "old.pt"))
     assert len(old.refine) == 2 and old.refine[0][0].groups == 1
     train.main(["--test-only", "--resume", str(tmp_path / "old.pt")])  # train.py rebuilds it the same way
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytest.warns re-emits pycocotools' own
 def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeypatch):
     class NanLoss(torch.nn.Module):
         parts = {}
@@ -159,6 +168,7 @@ def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeyp
     assert (out / "nan_stop.pt").is_file()
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_not_overwritten_without_force(demo_dir, tmp_path):
     out = tmp_path / "run"
     train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none"))
@@ -176,10 +186,17 @@ def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
     assert "train_fold0.json: file not found" in out.stdout + out.stderr and "Traceback" not in out.stderr
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process_metrics(demo_dir, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "train.py", *tiny_args(demo_dir, out, "--epochs", "1", "--aug", "none", "-b", "2")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -191,3 +208,90 @@ def test_two_process_ddp_matches_single_process_metrics(demo_dir, tmp_path):
     result = json.loads(single.stdout.strip().splitlines()[-1])
     assert result["mIoU"] == pytest.approx(ddp["val"]["mIoU"], abs=1e-9)
     assert result["aAcc"] == pytest.approx(ddp["val"]["aAcc"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_resume_keeps_a_flag_given_at_its_default_value(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(demo_dir, out, "--epochs", "2", "--stop-after", "1", "--val-json", "none",
+                         "--lr", "1e-3", "--print-freq", "100"))
+    assert load(out / "last.pt")["args"]["lr"] == 1e-3
+    # 2e-4 is --lr's default: given on the command line it must still win over the checkpoint's 1e-3
+    train.main(["--resume", str(out / "last.pt"), "--lr", "2e-4"])
+    resumed = load(out / "last.pt")
+    assert resumed["epoch"] == 1 and resumed["args"]["lr"] == 2e-4
+    assert resumed["args"]["img_size"] == 48  # not given: the checkpoint's
+    with pytest.raises(SystemExit):  # the network cannot change under a resumed run
+        train.main(["--resume", str(out / "last.pt"), "--backbone", "resnet34", "--epochs", "3"])
+
+
+class TinyNet(torch.nn.Module):
+    """No batch norm: a batch of 4 and two accumulated batches of 2 give the same gradients."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, num_classes, 1))
+        self.encoder = type("Encoder", (), {"output_stride": 1})()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_accumulated_batches_equal_one_larger_batch(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda arch, backbone, n, **kw: TinyNet(n))
+    common = ["--epochs", "1", "--aug", "none", "--val-json", "none", "--no-channels-last", "--seed", "5",
+              "--optimizer", "sgd", "--weight-decay", "0"]
+    train.main(tiny_args(demo_dir, tmp_path / "big", *common, "-b", "4"))
+    train.main(tiny_args(demo_dir, tmp_path / "accum", *common, "-b", "2", "--accum-steps", "2"))
+    big, accum = load(tmp_path / "big" / "last.pt"), load(tmp_path / "accum" / "last.pt")
+    assert big["scheduler"]["last_epoch"] == accum["scheduler"]["last_epoch"] == 3  # 12 images / 4 per step
+    torch.manual_seed(5)
+    start = TinyNet(11).state_dict()  # the weights both runs started from (train.py seeds, then builds)
+    for key in big["model"]:
+        assert not torch.allclose(big["model"][key], start[key])  # training moved them ...
+        assert torch.allclose(big["model"][key], accum["model"][key], atol=1e-5), key  # ... the same way
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pytest.warns re-emits pycocotools' own
+def test_a_non_finite_batch_keeps_the_rest_of_its_accumulation_window(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda arch, backbone, n, **kw: TinyNet(n))
+    calls = []
+
+    class SecondBatchNan(torch.nn.Module):
+        parts = {}
+
+        def forward(self, logits, target):
+            calls.append(len(calls))
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+            return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(train, "build_loss", lambda *a, **k: SecondBatchNan())
+    stepped = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: stepped.append(
+        [p.grad is not None for g in self.param_groups for p in g["params"]]) or real_step(self, *a, **k))
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        train.main(tiny_args(demo_dir, tmp_path / "run", "--epochs", "1", "--aug", "none", "--val-json", "none",
+                             "--optimizer", "sgd", "-b", "2", "--accum-steps", "2", "--no-channels-last"))
+    # 12 images / 2 per batch = 6 batches = 3 windows; the bad second batch still leaves the first one's gradients,
+    # so every window steps
+    assert len(calls) == 6 and len(stepped) == 3 and all(all(has) for has in stepped)
+
+
+@pytest.mark.slow
+def test_validation_and_predict_eval_give_the_same_miou(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    train.main(tiny_args(demo_dir, out, "--epochs", "2", "--aug", "none"))
+    done = subprocess.run([sys.executable, "train.py", "--test-only", "--resume", str(out / "best.pt"), "--workers",
+                           "0", "--batch-size", "4"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    test_only = json.loads(done.stdout.strip().splitlines()[-1])
+    predict.main(["--ckpt", str(out / "best.pt"), "--data-dir", str(demo_dir), "--json", "train_all.json", "--eval",
+                  "--workers", "0", "-b", "4", "--no-probs", "--output-dir", str(tmp_path / "pred"),
+                  "--mask-cache", "none"])
+    predicted = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert 0.05 < test_only["mIoU"] < 1
+    assert predicted["mIoU"] == pytest.approx(test_only["mIoU"], abs=1e-9)
+    assert predicted["aAcc"] == pytest.approx(test_only["aAcc"], abs=1e-9)
+    best = json.loads((out / "best_metrics.json").read_text())  # and so does the training run's own validation
+    assert best["mIoU"] == pytest.approx(test_only["mIoU"], abs=1e-6)

@@ -1,0 +1,135 @@
+"""The checkpoint format: train.py writes it, train.py --resume, predict.py and --weights read it, all through here.
+
+A checkpoint is a dict of tensors and plain data (torch.load(path, weights_only=True) reads it) with these keys:
+"""
+import os
+import pickle
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import HEAD_PREFIXES, ModelError, build_model
+
+CHECKPOINT_KEYS = {
+    "model": "the network's state dict",
+    "args": "train.py's flags as a dict; the NETWORK_FLAGS among them rebuild the network",
+    "class_names": "the run's class list, Background first: index = pixel value",
+    "epoch": "the last finished epoch (0-based)",
+    "best_miou": "the best validation mIoU so far (-1 without validation)",
+    "metrics": "this epoch's validation metrics ({} without validation)",
+    "optimizer": "optimizer state dict", "scheduler": "LR scheduler state dict", "scaler": "GradScaler state dict",
+    "rng": "one RNG state per process: torch, python, cuda",
+}
+__doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in CHECKPOINT_KEYS.items())
+MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key
+# the flags that shape the network, each with what checkpoints written before the flag existed were built with
+NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash mid-write leaves the previous file intact."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_file(path, what="weights"):
+    """torch.load(..., weights_only=True) with a ModelError naming the file instead of a deep traceback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: {what} file not found") from None
+    except pickle.UnpicklingError:
+        raise ModelError(
+            f"{path}: refused as unsafe: the file holds Python objects other than tensors and plain data, and "
+            f"loading those can run code. If you made it yourself or otherwise trust it, re-save its tensors "
+            f"from a Python session: torch.save(torch.load(PATH, weights_only=False), NEW_PATH) keeps a "
+            f"train.py checkpoint as it is, then use NEW_PATH") from None
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load {what} ({e.__class__.__name__}: {e})") from None
+
+
+def read_checkpoint(path, resume=False):
+    """A checkpoint dict, checked for the keys predicting (or, with resume, continuing training) needs."""
+    ckpt = load_state_file(path, "checkpoint")
+    needed = CHECKPOINT_KEYS if resume else MODEL_KEYS
+    missing = [key for key in needed if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise ModelError(f"{path}: not a train.py checkpoint{' to resume from' if resume else ''} "
+                         f"(lacks {', '.join(missing)})")
+    return ckpt
+
+
+def checkpoint_network(saved_args):
+    """build_model's arch, backbone and keywords for a checkpoint's saved args."""
+    return {key: saved_args.get(key, before) for key, before in NETWORK_FLAGS.items()}
+
+
+def model_from_checkpoint(ckpt, path="checkpoint"):
+    """The checkpoint's own network with its weights (CPU, train mode)."""
+    network = checkpoint_network(ckpt["args"])
+    arch, backbone = network.pop("arch"), network.pop("backbone")
+    model = build_model(arch, backbone, len(ckpt["class_names"]), pretrained=False, **network)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit {arch}/{backbone} with {len(ckpt['class_names'])} classes: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_weights(model, file):
+    """Load a local state dict: a whole model's (ours, or a checkpoint holding one under 'model') or a
+    backbone's (torchvision's classification keys). Returns a one-paragraph report; a shape mismatch on a
+    backbone key or a file matching nothing is a ModelError."""
+    state = load_state_file(file, "weights")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ModelError(f"{file}: not a state dict of tensors")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}  # DDP, compile
+    whole = any(k.startswith("encoder.") for k in state)
+    target = model if whole else model.encoder.net
+    own = target.state_dict()
+    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                     if k in own and own[k].shape != v.shape]
+    if not loaded:
+        raise ModelError(f"{file}: no key matches {'the model' if whole else model.encoder.backbone} "
+                         f"(first keys: {', '.join(list(state)[:3])})")
+    if skipped_shape and not whole:
+        raise ModelError(f"{file}: shapes differ from {model.encoder.backbone}: {'; '.join(skipped_shape[:5])}")
+    target.load_state_dict(loaded, strict=False)
+    unused = [k for k in state if k not in own and not (not whole and k.startswith(HEAD_PREFIXES))]
+    missing = [k for k in own if k not in loaded]
+    lines = [f"{file}: loaded {len(loaded)} of {len(own)} {'model' if whole else 'backbone'} tensors"]
+    for label, keys in (("kept own weights where shapes differ", skipped_shape), ("not in file", missing),
+                        ("unused keys", unused)):
+        if keys:
+            lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+    return "\n".join(lines)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou, args, class_names, world, metrics=None):
+    """The checkpoint dict (CHECKPOINT_KEYS); a collective under DDP: it gathers every rank's RNG."""
+    states = [rng_state()]
+    if world > 1:  # every rank's RNG, so a resumed DDP run continues each stream
+        states = [None] * world
+        dist.all_gather_object(states, rng_state())
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best_miou, "args": vars(args),
+            "class_names": class_names, "rng": states, "metrics": metrics or {}}

@@ -1,0 +1,178 @@
+"""Training and evaluation samples: the dataset, augmentation presets (image and mask together), copy-paste of
+rare objects, normalisation, and the collate function for full-size masks.
+
+    ds = SegmentationDataset(coco, img_size=256, aug="basic", mask_cache="~/.cache/trashseg/masks")
+    image, mask, meta = ds[0]            # float CHW normalised, int64 HW, {file_name, image_id, height, width}
+"""
+import random
+import warnings
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from coco import DataError, annotation_bitmap, load_mask, open_mask_cache, pixel_counts, read_image
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: torchvision backbones were trained with them
+STD = (0.229, 0.224, 0.225)
+AUG_PRESETS = ("none", "basic", "strong")
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+class RandomRot90(v2.Transform):
+    """Rotate image and mask together by a random multiple of 90 degrees (lossless, unlike RandomRotation)."""
+
+    def make_params(self, flat_inputs):
+        return {"k": int(torch.randint(4, ()))}
+
+    def transform(self, inpt, params):
+        if params["k"] == 0 or not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
+
+
+def build_transform(preset, img_size):
+    """Joint image+mask transform on uint8 tensors ending at img_size x img_size. v2 resamples tv_tensors.Mask
+    with nearest, and photometric ops leave it alone, so mask values stay in the class set."""
+    size = (img_size, img_size)
+    if preset == "none":
+        return v2.Resize(size, antialias=True)
+    if preset not in AUG_PRESETS:
+        raise ValueError(f"unknown augmentation preset '{preset}' (choose from {', '.join(AUG_PRESETS)})")
+    ops = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), ratio=(0.75, 1.333), antialias=True),
+           v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
+    if preset == "strong":
+        ops += [v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
+                v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
+                v2.RandomApply([v2.JPEG((40, 95))], p=0.3)]
+    return v2.Compose(ops)
+
+
+def normalize(image_uint8):
+    mean = torch.tensor(MEAN).view(3, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1)
+    return (image_uint8.float() / 255.0 - mean) / std
+
+
+# ----------------------------------------------------------------------------- copy-paste
+
+class CopyPaste:
+    """Pastes objects of chosen classes (default: the two rarest present by pixels), cut by their masks from other
+    training images, onto a sample at its original resolution, before the joint augmentation. It draws from the
+    global `random`, which DataLoader seeds differently in each worker."""
+
+    def __init__(self, coco, classes=None, prob=0.5, max_objects=3):
+        totals = pixel_counts(coco).sum(0)
+        if classes is None:
+            present = [c for c in range(1, len(totals)) if totals[c] > 0]
+            classes = sorted(present, key=lambda c: totals[c])[:2]
+        self.classes = [c if isinstance(c, int) else coco.class_names.index(c) for c in classes]
+        self.sources = [(i, ann, coco.cat_to_class[ann["category_id"]]) for i, img in enumerate(coco.images)
+                        for ann in coco.annotations(img) if coco.cat_to_class[ann["category_id"]] in self.classes]
+        self.prob, self.max_objects = prob, max_objects
+
+    def __call__(self, image, mask, load):
+        """image uint8 CHW, mask uint8 HW (tensors); load(i) -> (image, mask) of training image i."""
+        if not self.sources or random.random() >= self.prob:
+            return image, mask
+        image, mask = image.clone(), mask.clone()
+        for _ in range(random.randint(1, self.max_objects)):
+            src_index, ann, cls = random.choice(self.sources)
+            src_image, src_mask = load(src_index)
+            bitmap = torch.from_numpy(annotation_bitmap(ann, *src_mask.shape)).bool()
+            # only the visible part of the object: what the painted mask shows as its class
+            bitmap &= src_mask == cls
+            ys, xs = torch.nonzero(bitmap, as_tuple=True)
+            if len(ys) == 0:
+                continue
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            piece = bitmap[y0:y1, x0:x1]
+            scale = random.uniform(0.7, 1.3)
+            ph = max(1, min(mask.shape[0], round((y1 - y0) * scale)))
+            pw = max(1, min(mask.shape[1], round((x1 - x0) * scale)))
+            pixels = v2.functional.resize(src_image[:, y0:y1, x0:x1], [ph, pw], antialias=True)
+            piece = v2.functional.resize(piece[None].to(torch.uint8), [ph, pw],
+                                         interpolation=v2.InterpolationMode.NEAREST)[0].bool()
+            ty = random.randint(0, mask.shape[0] - ph)
+            tx = random.randint(0, mask.shape[1] - pw)
+            region = image[:, ty:ty + ph, tx:tx + pw]
+            region[:, piece] = pixels[:, piece]
+            mask[ty:ty + ph, tx:tx + pw][piece] = cls
+        return image, mask
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Labeled JSON: (image float CHW normalised, mask int64 HW, meta). Unlabeled: (image, meta).
+    meta = {file_name, image_id, height, width} of the original image. mask_cache: a folder, 'none' or None."""
+
+    def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False,
+                 full_mask=False, with_masks=True):
+        self.coco = coco
+        self.full_mask = full_mask  # validation: resize the image only, score against the original-size mask
+        self.transform = build_transform(aug, img_size)
+        # random erasing is part of 'strong' but touches the image only, so it runs after the joint transform
+        self.erase = v2.RandomErasing(p=0.25, scale=(0.02, 0.15), value=0) if aug == "strong" else None
+        self.cache = open_mask_cache(mask_cache)
+        self.copy_paste = copy_paste
+        self.skip_bad = skip_bad
+        self.labeled = coco.labeled and with_masks  # with_masks=False: images only, even from a labeled JSON
+
+    def __len__(self):
+        return len(self.coco)
+
+    def load(self, index):
+        """uint8 image CHW and uint8 mask HW (None when unlabeled) at the original size."""
+        img = self.coco.images[index]
+        image = read_image(self.coco.image_path(img))
+        if tuple(image.shape[1:]) != (img["height"], img["width"]):
+            raise DataError(f"image file {self.coco.image_path(img)} is {image.shape[2]}x{image.shape[1]} "
+                            f"but the JSON says {img['width']}x{img['height']}")
+        if not self.labeled:
+            return image, None
+        return image, torch.from_numpy(load_mask(self.coco, index, self.cache))
+
+    def load_named(self, index):
+        """load(index), with any failure turned into a DataError that names the sample."""
+        try:
+            return self.load(index)
+        except DataError:
+            raise
+        except Exception as e:
+            img = self.coco.images[index]
+            raise DataError(f"image {self.coco.image_path(img)} (id {img['id']}) of {self.coco.json_path}: "
+                            f"{e.__class__.__name__}: {e}") from None
+
+    def __getitem__(self, index):
+        for _ in range(len(self)):  # with skip_bad, a bad sample is replaced by the next good one
+            try:
+                image, mask = self.load_named(index)
+                break
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                warnings.warn(f"skipping bad sample: {e}")
+                index = (index + 1) % len(self)
+        else:
+            raise DataError(f"{self.coco.json_path}: every sample failed to load")
+        img = self.coco.images[index]
+        meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"]}
+        if mask is None or self.full_mask:
+            image = normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor))
+            return (image, meta) if mask is None else (image, mask.long(), meta)
+        if self.copy_paste is not None:
+            image, mask = self.copy_paste(image, mask, self.load)
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        image = normalize(image.as_subclass(torch.Tensor))
+        if self.erase is not None:
+            image = self.erase(image)
+        return image, mask.as_subclass(torch.Tensor).long(), meta
+
+
+def collate_full_masks(batch):
+    """Batch for full_mask datasets: images stacked; masks (of differing sizes; None for unlabeled items) and
+    metas as lists."""
+    masks = [item[1] if len(item) == 3 else None for item in batch]
+    return torch.stack([item[0] for item in batch]), masks, [item[-1] for item in batch]

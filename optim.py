@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule of train.py.
+
+    optimizer = build_optimizer(model, "adamw", lr=2e-4, weight_decay=1e-4)
+    scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, "poly"))
+"""
+import math
+
+import torch
+
+
+def build_optimizer(model, name="adamw", lr=2e-4, weight_decay=1e-4, momentum=0.9):
+    # no weight decay on norms and biases: decaying them only hurts
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    # fused: one kernel over all tensors instead of a chain of small ops per tensor; the same update
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused)
+
+
+def lr_factor(step, total, warmup, kind):
+    """Multiplier of --lr at optimizer step `step` of `total`: linear warm-up, then the schedule."""
+    if kind == "onecycle":  # cosine up to the peak over 30% of the run, then cosine down to ~0
+        peak = max(1, int(0.3 * total))
+        if step < peak:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * step / peak)) / 2
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak))) / 2
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "poly":
+        return (1 - progress) ** 0.9
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.1 ** int(progress * 3)  # step: x0.1 at 1/3 and 2/3 of the run

@@ -1,0 +1,209 @@
+"""What the stages write, in one place: strict JSON, the output folder of predict.py and ensemble.py (submission
+CSV, mask PNGs, per-image scores, overlays, metrics) and its manifest, predictions.json, which ensemble.py reads.
+
+predictions.json keys: class_names, data_dir, json (the predicted COCO file), checkpoint or inputs (what made it),
+prob_size, timing, and images: one entry per image in the JSON's order with file_name, height, width, mask
+("masks/<file_name>.png", uint8 class ids at the image's size) and, unless --no-probs, probs
+("probs/<file_name>.npy", float16 (C, H, W) softmax probabilities).
+"""
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from coco import IGNORE_INDEX, palette, read_image
+from metrics import confusion_matrix, metrics_table, per_image_iou, segmentation_metrics
+
+OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "per_image.csv", "pseudo.json")
+OUTPUT_DIRS = ("masks", "probs", "vis")
+
+
+class OutputError(ValueError):
+    """Bad arguments or inputs for writing or combining predictions: the message says which and why."""
+
+
+# ----------------------------------------------------------------------------- JSON, and train.py's JSON-lines log
+
+def to_json(obj, indent=None):
+    """Standard JSON (NaN and infinities, e.g. the IoU of a class absent from a set, become null), so jq and
+    other strict readers accept every file the pipeline writes."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path, obj, indent=None):
+    """Atomic: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(to_json(obj, indent))
+    os.replace(tmp, path)
+
+
+class Logger:
+    """Prints on rank 0 and appends every record as one JSON line to <output-dir>/log.jsonl."""
+
+    def __init__(self, output_dir, rank):
+        self.rank = rank
+        self.file = Path(output_dir) / "log.jsonl" if output_dir else None
+
+    def print(self, *text):
+        if self.rank == 0:
+            print(*text, flush=True)
+
+    def log(self, record):
+        if self.rank == 0 and self.file:
+            with open(self.file, "a") as f:
+                f.write(to_json(record) + "\n")
+
+
+def read_predictions(path):
+    """The manifest of a predict.py / ensemble.py output folder."""
+    manifest = Path(path) / "predictions.json"
+    if not manifest.is_file():
+        raise OutputError(f"{path}: no predictions.json (not a predict.py output dir)")
+    try:
+        info = json.loads(manifest.read_text())
+        info["images"] = list(info["images"])
+        return info
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise OutputError(f"{manifest}: not a predictions manifest ({e})") from None
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def prepare_output_dir(path, force):
+    """Never overwrite silently: an existing non-empty dir needs --force (then its old outputs are removed)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise OutputError(f"{path} already holds outputs; use --force to replace them or another --output-dir")
+        for name in OUTPUT_DIRS:
+            shutil.rmtree(path / name, ignore_errors=True)
+        for name in OUTPUT_NAMES:
+            (path / name).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def mask_name(file_name):
+    """masks/ path of an image: its file_name with .png, so images in different folders never collide."""
+    return "masks/" + str(Path(file_name).with_suffix(".png"))
+
+
+def save_mask(mask, path, class_names):
+    """uint8 HxW class ids as a palette PNG: viewers show colours, readers get the ids."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = [v for color in palette(class_names) for v in color]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    image.save(path)
+
+
+def csv_row(file_name, mask, csv_size):
+    """One submission row: the mask resized by nearest to csv_size x csv_size, flattened row-major."""
+    small = F.interpolate(torch.from_numpy(mask)[None, None].float(), size=(csv_size, csv_size), mode="nearest")
+    return [file_name, " ".join(map(str, small[0, 0].to(torch.uint8).numpy().reshape(-1).tolist()))]
+
+
+def write_submission(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "PredictionString"])
+        writer.writerows(rows)
+
+
+def write_per_image(path, rows, class_names):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "mIoU"] + class_names)
+        for file_name, ious, miou in rows:
+            writer.writerow([file_name, f"{miou:.4f}"] + ["" if np.isnan(v) else f"{v:.4f}" for v in ious])
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def overlay(image, mask, class_names, alpha=0.5, title=None, legend=True):
+    """PIL image: the photo blended with the palette-coloured mask, and a legend of the classes present."""
+    colors = np.array(palette(class_names), np.uint8)
+    image = np.asarray(image, np.uint8)
+    safe = np.where(mask < len(class_names), mask, 0)
+    blend = (image * (1 - alpha) + colors[safe] * alpha).astype(np.uint8)
+    blend[mask == 0] = image[mask == 0]  # keep Background as the photo itself
+    present = [int(c) for c in np.unique(mask) if c < len(class_names)] if legend else []
+    row = 14
+    legend_h = row * (len(present) + (1 if title else 0)) + 4
+    canvas = Image.new("RGB", (blend.shape[1], blend.shape[0] + legend_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = blend.shape[0] + 2
+    if title:
+        draw.text((4, y), title, fill=(0, 0, 0))
+        y += row
+    for c in present:
+        draw.rectangle([4, y + 1, 14, y + 11], fill=tuple(int(v) for v in colors[c]), outline=(0, 0, 0))
+        draw.text((20, y), f"{c} {class_names[c]}", fill=(0, 0, 0))
+        y += row
+    return canvas
+
+
+def write_vis(out_dir, items, data_dir, class_names, n):
+    """Overlays of the first n items: image | prediction | ground truth (when known), with legends."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for rank, (file_name, pred, target, score) in enumerate(items[:n]):
+        image = read_image(Path(data_dir) / file_name).permute(1, 2, 0).numpy()
+        title = f"{file_name}" + (f"  mIoU {100 * score:.1f}" if score is not None else "")
+        panels = [overlay(image, np.zeros_like(pred), class_names, title=title, legend=False),
+                  overlay(image, pred, class_names, title="prediction")]
+        if target is not None:
+            panels.append(overlay(image, np.where(target == IGNORE_INDEX, 0, target), class_names,
+                                  title="ground truth"))
+        canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
+        x = 0
+        for p in panels:
+            canvas.paste(p, (x, 0))
+            x += p.width
+        canvas.save(out_dir / f"{rank:03d}_{Path(file_name).stem}.png")
+
+
+# ----------------------------------------------------------------------------- everything from per-image results
+
+def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labeled, extra=None):
+    """From per-image results [(file_name, pred mask, target mask or None)]: submission CSV, mask PNGs, and when
+    labeled metrics.json and per_image.csv; overlays of `vis` images (worst first when labeled)."""
+    rows, per_image, vis_items = [], [], []
+    num_classes = len(class_names)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for file_name, pred, target in results:
+        rows.append(csv_row(file_name, pred, csv_size))
+        save_mask(pred, out_dir / mask_name(file_name), class_names)
+        score = None
+        if target is not None:
+            confusion += confusion_matrix(pred, target, num_classes)
+            ious, score = per_image_iou(pred, target, num_classes)
+            per_image.append((file_name, ious, score))
+        vis_items.append((file_name, pred, target, score))
+    write_submission(out_dir / "submission.csv", rows)
+    metrics = None
+    if labeled:
+        metrics = segmentation_metrics(confusion, class_names)
+        write_json(out_dir / "metrics.json", dict(metrics, confusion=confusion.tolist(), **(extra or {})))
+        write_per_image(out_dir / "per_image.csv", per_image, class_names)
+        print(metrics_table(metrics))
+        vis_items.sort(key=lambda item: item[3])  # worst images first: that is where to look
+    if vis:
+        write_vis(out_dir / "vis", vis_items, data_dir, class_names, vis)
+    return metrics
