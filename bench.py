@@ -25,7 +25,7 @@ import torch
 from coco import load_coco
 from data import make_demo
 from dataset import SegmentationDataset
-from inference import predict_probs
+from inference import predict_probs, tta_flips
 from model import build_model
 from optim import build_optimizer
 
@@ -120,7 +120,7 @@ def infer_stepper(net, device, dtype, channels_last, img_size, batch_size, tta, 
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return lambda: predict_probs(net, x, img_size, tta, scales, dtype is not None, channels_last)
+    return lambda: predict_probs(net, x, img_size, tta_flips(tta), scales, dtype is not None, channels_last)
 
 
 def timed_rates(steppers, batch_size, steps, repeats, device):

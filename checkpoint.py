@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from model import HEAD_PREFIXES, ModelError, build_model
+from backbones import HEAD_PREFIXES, IMAGENET_NORMALIZATION, ModelError
+from model import build_model
 
 CHECKPOINT_KEYS = {
     "model": "the network's state dict",
     "args": "train.py's flags as a dict; the NETWORK_FLAGS among them rebuild the network",
     "class_names": "the run's class list, Background first: index = pixel value",
+    "normalization": "{mean, std} on the 0-1 scale that input images get (the backbone weights' own)",
     "epoch": "the last finished epoch (0-based)",
     "best_miou": "the best validation mIoU so far (-1 without validation)",
     "metrics": "this epoch's validation metrics ({} without validation)",
@@ -23,9 +25,11 @@ CHECKPOINT_KEYS = {
     "rng": "one RNG state per process: torch, python, cuda",
 }
 __doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in CHECKPOINT_KEYS.items())
-MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key
+MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key but normalization
 # the flags that shape the network, each with what checkpoints written before the flag existed were built with
 NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
+# other flags newer than some checkpoints, with what those checkpoints did: flips and 90-degree turns
+LATER_FLAGS = {"orientation": "any"}
 
 
 def save_checkpoint(state, path):
@@ -54,7 +58,7 @@ def load_state_file(path, what="weights"):
 def read_checkpoint(path, resume=False):
     """A checkpoint dict, checked for the keys predicting (or, with resume, continuing training) needs."""
     ckpt = load_state_file(path, "checkpoint")
-    needed = CHECKPOINT_KEYS if resume else MODEL_KEYS
+    needed = [k for k in CHECKPOINT_KEYS if k != "normalization"] if resume else MODEL_KEYS
     missing = [key for key in needed if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise ModelError(f"{path}: not a train.py checkpoint{' to resume from' if resume else ''} "
@@ -65,6 +69,12 @@ def read_checkpoint(path, resume=False):
 def checkpoint_network(saved_args):
     """build_model's arch, backbone and keywords for a checkpoint's saved args."""
     return {key: saved_args.get(key, before) for key, before in NETWORK_FLAGS.items()}
+
+
+def trained_with(ckpt):
+    """(normalization, orientation) a checkpoint's model was trained with; older checkpoints: ImageNet's, 'any'."""
+    return (ckpt.get("normalization") or dict(IMAGENET_NORMALIZATION),
+            ckpt["args"].get("orientation", LATER_FLAGS["orientation"]))
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -124,12 +134,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou, args, class_names, world, metrics=None):
-    """The checkpoint dict (CHECKPOINT_KEYS); a collective under DDP: it gathers every rank's RNG."""
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou, args, data, world, metrics=None):
+    """The checkpoint dict (CHECKPOINT_KEYS); data = {class_names, normalization}. A collective under DDP: it
+    gathers every rank's RNG."""
     states = [rng_state()]
     if world > 1:  # every rank's RNG, so a resumed DDP run continues each stream
         states = [None] * world
         dist.all_gather_object(states, rng_state())
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best_miou, "args": vars(args),
-            "class_names": class_names, "rng": states, "metrics": metrics or {}}
+            "class_names": data["class_names"], "normalization": data["normalization"], "rng": states,
+            "metrics": metrics or {}}

@@ -11,11 +11,13 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from backbones import IMAGENET_NORMALIZATION
 from coco import DataError, annotation_bitmap, load_mask, open_mask_cache, pixel_counts, read_image
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: torchvision backbones were trained with them
-STD = (0.229, 0.224, 0.225)
 AUG_PRESETS = ("none", "basic", "strong")
+# upright: photos keep their up (road scenes, underwater video, most photos): horizontal flips only;
+# any: no up (top-down shots): vertical flips and 90-degree turns too
+ORIENTATIONS = ("upright", "any")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -32,16 +34,19 @@ class RandomRot90(v2.Transform):
         return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
 
 
-def build_transform(preset, img_size):
+def build_transform(preset, img_size, orientation="upright"):
     """Joint image+mask transform on uint8 tensors ending at img_size x img_size. v2 resamples tv_tensors.Mask
     with nearest, and photometric ops leave it alone, so mask values stay in the class set."""
     size = (img_size, img_size)
     if preset == "none":
         return v2.Resize(size, antialias=True)
-    if preset not in AUG_PRESETS:
-        raise ValueError(f"unknown augmentation preset '{preset}' (choose from {', '.join(AUG_PRESETS)})")
+    if preset not in AUG_PRESETS or orientation not in ORIENTATIONS:
+        raise ValueError(f"unknown augmentation preset '{preset}' or orientation '{orientation}' (choose from "
+                         f"{', '.join(AUG_PRESETS)}; {', '.join(ORIENTATIONS)})")
     ops = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), ratio=(0.75, 1.333), antialias=True),
-           v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()]
+           v2.RandomHorizontalFlip()]
+    if orientation == "any":
+        ops += [v2.RandomVerticalFlip(), RandomRot90()]
     if preset == "strong":
         ops += [v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
@@ -49,9 +54,10 @@ def build_transform(preset, img_size):
     return v2.Compose(ops)
 
 
-def normalize(image_uint8):
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
+def normalize(image_uint8, normalization=IMAGENET_NORMALIZATION):
+    """float CHW: (x / 255 - mean) / std with the mean and std the backbone's weights expect."""
+    mean = torch.tensor(normalization["mean"]).view(3, 1, 1)
+    std = torch.tensor(normalization["std"]).view(3, 1, 1)
     return (image_uint8.float() / 255.0 - mean) / std
 
 
@@ -106,13 +112,15 @@ class CopyPaste:
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Labeled JSON: (image float CHW normalised, mask int64 HW, meta). Unlabeled: (image, meta).
-    meta = {file_name, image_id, height, width} of the original image. mask_cache: a folder, 'none' or None."""
+    meta = {file_name, image_id, height, width} of the original image. mask_cache: a folder, 'none' or None;
+    normalization: {mean, std} (backbones.input_normalization)."""
 
     def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False,
-                 full_mask=False, with_masks=True):
+                 full_mask=False, with_masks=True, orientation="upright", normalization=IMAGENET_NORMALIZATION):
         self.coco = coco
         self.full_mask = full_mask  # validation: resize the image only, score against the original-size mask
-        self.transform = build_transform(aug, img_size)
+        self.transform = build_transform(aug, img_size, orientation)
+        self.normalization = normalization
         # random erasing is part of 'strong' but touches the image only, so it runs after the joint transform
         self.erase = v2.RandomErasing(p=0.25, scale=(0.02, 0.15), value=0) if aug == "strong" else None
         self.cache = open_mask_cache(mask_cache)
@@ -160,12 +168,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         img = self.coco.images[index]
         meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"]}
         if mask is None or self.full_mask:
-            image = normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor))
+            image = normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), self.normalization)
             return (image, meta) if mask is None else (image, mask.long(), meta)
         if self.copy_paste is not None:
             image, mask = self.copy_paste(image, mask, self.load)
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        image = normalize(image.as_subclass(torch.Tensor))
+        image = normalize(image.as_subclass(torch.Tensor), self.normalization)
         if self.erase is not None:
             image = self.erase(image)
         return image, mask.as_subclass(torch.Tensor).long(), meta

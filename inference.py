@@ -14,12 +14,19 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
+def tta_flips(tta, orientation="any"):
+    """The flips test-time augmentation averages: those the model was trained with (orientation 'upright':
+    identity and horizontal flip; 'any': vertical flip too). Each is a tuple of dims for torch.flip."""
+    if not tta:
+        return [()]
+    return [(), (-1,)] if orientation == "upright" else [(), (-1,), (-2,)]
+
+
 @torch.no_grad()
-def predict_probs(model, images, img_size, tta=False, scales=(1.0,), amp=False, channels_last=False):
-    """Softmax probabilities (N, C, img_size, img_size), averaged over scales and, with tta, over identity,
-    horizontal and vertical flips. Each view is its own forward pass (a batch of all views needs their memory at
-    once and was not faster on the CPU: docs/performance.md)."""
-    flips = [(), (-1,), (-2,)] if tta else [()]
+def predict_probs(model, images, img_size, flips=((),), scales=(1.0,), amp=False, channels_last=False):
+    """Softmax probabilities (N, C, img_size, img_size), averaged over scales and flips (tta_flips). Each view is
+    its own forward pass (a batch of all views needs their memory at once and was not faster on the CPU:
+    docs/performance.md)."""
     total = 0
     for scale in scales:
         size = max(8, round(img_size * scale))
@@ -45,9 +52,9 @@ def to_image_size(probs, height, width):
     return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def evaluate_batch(model, images, metas, img_size, tta=False, scales=(1.0,), amp=False, channels_last=False):
+def evaluate_batch(model, images, metas, img_size, flips=((),), scales=(1.0,), amp=False, channels_last=False):
     """Per image of a batch: (probabilities at the image's own size, argmax prediction there)."""
-    probs = predict_probs(model, images, img_size, tta, scales, amp, channels_last)
+    probs = predict_probs(model, images, img_size, flips, scales, amp, channels_last)
     full = [to_image_size(p, meta["height"], meta["width"]) for p, meta in zip(probs, metas)]
     return [(f, f.argmax(0)) for f in full]
 

@@ -14,44 +14,14 @@ downsample by patch merging and give stride 32 only (DeepLabV3+ then runs ASPP a
 """
 import argparse
 import time
-import urllib.error
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+
+from backbones import BACKBONES, HEAD_PREFIXES, ModelError, classification_net, input_normalization  # noqa: F401
 
 ARCHS = ("deeplabv3plus", "unet")
-# backbone name -> (block paths in order, can dilate, outputs NHWC)
-_RESNET = (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"], True, False)
-_REGNET = (["stem"] + [f"trunk_output.block{i}" for i in range(1, 5)], True, False)
-BACKBONES = {name: _RESNET for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                                        "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2")}
-BACKBONES.update({name: _REGNET for name in ("regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf",
-                                             "regnet_y_3_2gf", "regnet_y_8gf", "regnet_y_16gf")})
-BACKBONES.update({f"efficientnet_b{i}": (9, True, False) for i in range(8)})  # int: that many features.N blocks
-BACKBONES.update({"efficientnet_v2_s": (8, True, False), "efficientnet_v2_m": (9, True, False),
-                  "mobilenet_v3_large": (17, True, False)})
-BACKBONES.update({name: (8, False, False) for name in ("convnext_tiny", "convnext_small", "convnext_base")})
-BACKBONES.update({name: (8, False, True) for name in ("swin_t", "swin_s", "swin_b")})
-# parts of the classification networks the encoder does not use; dropped, and ignored in a weights file
-HEAD_PREFIXES = ("fc.", "classifier.", "head.", "avgpool.", "norm.")
-
-
-class ModelError(ValueError):
-    """A model cannot be built as asked: the message says why and what to do."""
-
-
-def _torchvision_net(backbone, pretrained):
-    builder = getattr(torchvision.models, backbone)
-    if not pretrained:
-        return builder(weights=None)
-    try:
-        return builder(weights="DEFAULT")  # torchvision's weights enum: downloads once into the torch hub cache
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise ModelError(f"cannot get torchvision's pretrained weights for {backbone} ({e.__class__.__name__}: {e}); "
-                         f"offline, train from scratch with --no-pretrained or give a local file with --weights FILE"
-                         ) from None
 
 
 class Encoder(nn.Module):
@@ -63,7 +33,7 @@ class Encoder(nn.Module):
             raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
         blocks, dilatable, self.nhwc = BACKBONES[backbone]
         self.backbone = backbone
-        self.net = _torchvision_net(backbone, pretrained)
+        self.net = classification_net(backbone, pretrained)
         for name in ("fc", "classifier", "head", "avgpool", "norm", "permute", "flatten"):
             if hasattr(self.net, name):
                 delattr(self.net, name)

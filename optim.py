@@ -8,15 +8,27 @@ import math
 import torch
 
 
-def build_optimizer(model, name="adamw", lr=2e-4, weight_decay=1e-4, momentum=0.9):
-    # no weight decay on norms and biases: decaying them only hurts
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model, lr, weight_decay, encoder_lr_mult=1.0):
+    """No weight decay on norms and biases (decaying them only hurts); with encoder_lr_mult != 1 the encoder's
+    parameters get lr x encoder_lr_mult (a pretrained encoder needs smaller steps than a new decoder)."""
+    parts = [list(model.named_parameters())]
+    if encoder_lr_mult != 1.0:
+        parts = [[(n, p) for n, p in parts[0] if n.startswith("encoder.")],
+                 [(n, p) for n, p in parts[0] if not n.startswith("encoder.")]]
+    groups = []
+    for params, mult in zip(parts, [encoder_lr_mult, 1.0] if len(parts) == 2 else [1.0]):
+        params = [p for _, p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr * mult},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr * mult}]
+    return groups
+
+
+def build_optimizer(model, name="adamw", lr=2e-4, weight_decay=1e-4, momentum=0.9, encoder_lr_mult=1.0):
+    groups = param_groups(model, lr, weight_decay, encoder_lr_mult)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     # fused: one kernel over all tensors instead of a chain of small ops per tensor; the same update
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=fused)
     return torch.optim.AdamW(groups, lr=lr, fused=fused)

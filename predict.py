@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import model_from_checkpoint, read_checkpoint
+from checkpoint import model_from_checkpoint, read_checkpoint, trained_with
 from coco import DataError, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
-from inference import evaluate_batch, to_image_size
+from inference import evaluate_batch, to_image_size, tta_flips
 from model import ModelError
 from outputs import OutputError, mask_name, prepare_output_dir, write_json, write_results
 
@@ -54,7 +54,8 @@ def get_args_parser():
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--amp", action="store_true")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--tta", action="store_true", help="average over identity, horizontal and vertical flips")
+    p.add_argument("--tta", action="store_true", help="average over the flips the model was trained with: "
+                                                    "horizontal (upright), and vertical too (any)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA, e.g. 0.75 1.0 1.25")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--prob-size", type=int, default=0, metavar="N",
@@ -80,12 +81,12 @@ def save_probs(out_dir, meta, full, max_side):
     return name
 
 
-def predict_set(model, loader, out_dir, img_size, args, device):
+def predict_set(model, loader, out_dir, img_size, flips, args, device):
     """Predict every image of the loader: (manifest entries, [(file_name, pred, target or None)], model seconds)."""
     manifest, results, model_seconds = [], [], 0.0
     for images, masks, metas in loader:
         t = time.perf_counter()
-        per_image = evaluate_batch(model, images.to(device), metas, img_size, args.tta, args.scales, args.amp,
+        per_image = evaluate_batch(model, images.to(device), metas, img_size, flips, args.scales, args.amp,
                                    args.channels_last)
         model_seconds += time.perf_counter() - t
         for (full, pred), mask, meta in zip(per_image, masks, metas):
@@ -115,23 +116,25 @@ def run(args):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     class_names = ckpt["class_names"]
+    normalization, orientation = trained_with(ckpt)
+    flips = tta_flips(args.tta, orientation)
     img_size = args.img_size or ckpt["args"]["img_size"]
     coco = load_coco(args.data_dir, args.json, class_names=class_names)
     if args.eval and not coco.labeled:
         raise OutputError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
     out_dir = prepare_output_dir(args.output_dir or Path("preds") / ckpt_path.parent.name, args.force)
     dataset = SegmentationDataset(coco, img_size, "none", mask_cache=args.mask_cache, full_mask=True,
-                                  with_masks=args.eval)
+                                  with_masks=args.eval, normalization=normalization)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate_full_masks)
     print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({ckpt['args']['arch']}/"
-          f"{ckpt['args']['backbone']}, {img_size} px, tta {'flips' if args.tta else 'off'}, "
+          f"{ckpt['args']['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
           f"scales {args.scales}) -> {out_dir}")
     t0 = time.perf_counter()
-    manifest, results, model_seconds = predict_set(model, loader, out_dir, img_size, args, device)
+    manifest, results, model_seconds = predict_set(model, loader, out_dir, img_size, flips, args, device)
     seconds = time.perf_counter() - t0
     timing = {"images": len(coco), "seconds": seconds, "seconds_per_image": seconds / max(len(coco), 1),
-              "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta": args.tta, "scales": args.scales}
+              "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales}
     write_results(out_dir, class_names, results, args.data_dir, args.csv_size, args.vis, args.eval,
                   {"timing": timing})
     write_json(out_dir / "predictions.json", {"class_names": class_names, "checkpoint": str(ckpt_path),

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import (NETWORK_FLAGS, checkpoint_state, load_weights, read_checkpoint, save_checkpoint,
-                        set_rng_state)
+from checkpoint import (LATER_FLAGS, NETWORK_FLAGS, checkpoint_state, load_weights, read_checkpoint, save_checkpoint,
+                        set_rng_state, trained_with)
 from coco import DataError, default_cache_dir, load_coco, pixel_counts
-from dataset import AUG_PRESETS, CopyPaste, SegmentationDataset, collate_full_masks
+from dataset import AUG_PRESETS, ORIENTATIONS, CopyPaste, SegmentationDataset, collate_full_masks
 from inference import autocast, evaluate
 from losses import WEIGHT_METHODS, build_loss, class_weights
 from metrics import metrics_table, segmentation_metrics
-from model import ARCHS, BACKBONES, ModelError, build_model
+from model import ARCHS, BACKBONES, ModelError, build_model, input_normalization
 from optim import build_optimizer, lr_factor
 from outputs import Logger, to_json, write_json
 
@@ -59,6 +59,9 @@ def get_args_parser():
     p.add_argument("--accum-steps", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--encoder-lr-mult", type=float, default=1.0, help="the encoder's lr = --lr x this")
+    p.add_argument("--freeze-encoder-bn", action="store_true",
+                   help="keep the encoder's batch-norm statistics as loaded (for small batches)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"))
     p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     p.add_argument("--scheduler", default="poly", choices=("poly", "cosine", "onecycle", "step"))
@@ -67,6 +70,8 @@ def get_args_parser():
     p.add_argument("--focal-gamma", type=float, default=2.0)
     p.add_argument("--class-weights", choices=WEIGHT_METHODS, help="weights from the training set's pixel counts")
     p.add_argument("--aug", default="basic", choices=AUG_PRESETS)
+    p.add_argument("--orientation", default="upright", choices=ORIENTATIONS,
+                   help="upright: horizontal flips only; any: vertical flips and 90-degree turns too (and in --tta)")
     p.add_argument("--copy-paste", action="store_true", help="paste objects of the rarest classes")
     p.add_argument("--copy-paste-classes", nargs="+", help="class names to paste (default: the 2 rarest by pixels)")
     p.add_argument("--pseudo", metavar="DIR", help="add images with predicted masks from predict.py --pseudo")
@@ -143,6 +148,9 @@ def resume_from(args, given, rank):
             setattr(args, key, value)
     for key, before in NETWORK_FLAGS.items():  # checkpoints from before a flag existed were built without it
         setattr(args, key, saved.get(key, before))
+    for key, before in LATER_FLAGS.items():
+        if key not in saved and key not in given:
+            setattr(args, key, before)
     if rank == 0:
         print(f"resuming {path}")
     return checkpoint, output_dir
@@ -167,26 +175,28 @@ def resolve_jsons(args):
     return train, None if str(val).lower() == "none" else val
 
 
-def get_dataset(args, train_coco, class_names, log):
+def get_dataset(args, train_coco, data, log):
     """Training set: the training JSON (with augmentation and copy-paste), plus pseudo-labelled images."""
     copy_paste = CopyPaste(train_coco, args.copy_paste_classes) if args.copy_paste else None
     if copy_paste:
-        log.print(f"copy-paste classes: {', '.join(class_names[c] for c in copy_paste.classes)} "
+        log.print(f"copy-paste classes: {', '.join(data['class_names'][c] for c in copy_paste.classes)} "
                   f"({len(copy_paste.sources)} objects)")
-    sets = [SegmentationDataset(train_coco, args.img_size, args.aug, args.mask_cache, copy_paste, args.skip_bad)]
+    common = {"orientation": args.orientation, "normalization": data["normalization"], "skip_bad": args.skip_bad}
+    sets = [SegmentationDataset(train_coco, args.img_size, args.aug, args.mask_cache, copy_paste, **common)]
     if args.pseudo:
-        pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=class_names)
-        sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, args.skip_bad))
+        pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=data["class_names"])
+        sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, **common))
         log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}")
     return torch.utils.data.ConcatDataset(sets)
 
 
-def get_val_loader(args, val_json, class_names, rank, world, device):
+def get_val_loader(args, val_json, data, rank, world, device):
     """Validation at each image's original size, sharded over processes without padding: exact metrics."""
-    val_coco = load_coco(args.data_dir, val_json, class_names=class_names, skip_bad=args.skip_bad)
+    val_coco = load_coco(args.data_dir, val_json, class_names=data["class_names"], skip_bad=args.skip_bad)
     if not val_coco.labeled:
         raise ValueError(f"{val_coco.json_path}: validation JSON has no annotations")
-    val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=args.mask_cache, full_mask=True)
+    val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=args.mask_cache, full_mask=True,
+                                  normalization=data["normalization"])
     shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
                                        collate_fn=collate_full_masks, pin_memory=device.type == "cuda")
@@ -237,9 +247,11 @@ def all_finite(loss, world):
 
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
-    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps}; bad_steps
-    carries over epochs. Returns images seen per second."""
+    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps, frozen_bn};
+    bad_steps carries over epochs. Returns images seen per second."""
     model.train()
+    for norm in run["frozen_bn"]:  # --freeze-encoder-bn: statistics stay as loaded, affine weights still learn
+        norm.eval()
     batches, world, device = run["steps_per_epoch"] * args.accum_steps, run["world"], run["device"]
     t_epoch = t_print = time.time()
     seen, seen_print, loss_sum, loss_count, window_has_grad = 0, 0, 0.0, 0, False
@@ -277,7 +289,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
             rate = seen_print / max(now - t_print, 1e-9)
             remaining = (batches - i - 1 + run["epochs_left"] * batches) * args.batch_size * world
             record = {"epoch": epoch, "step": (i + 1) // args.accum_steps, "steps": run["steps_per_epoch"],
-                      "loss": loss_sum / max(loss_count, 1), "lr": optimizer.param_groups[0]["lr"],
+                      "loss": loss_sum / max(loss_count, 1), "lr": optimizer.param_groups[-1]["lr"],
                       "images_per_s": rate}
             record.update({f"loss_{k}": v for k, v in loss_fn.parts.items()} if len(loss_fn.parts) > 1 else {})
             log.print(f"epoch {epoch} [{record['step']}/{record['steps']}] loss {record['loss']:.4f} lr "
@@ -300,7 +312,7 @@ def validate(model, val_loader, class_names, epoch, args, world, device, log):
 
 # ----------------------------------------------------------------------------- main
 
-def fit(model, forward_model, train_set, val_loader, train_coco, class_names, checkpoint, output_dir,
+def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log):
     """The training run: optimizer, schedule, epochs, validation and checkpoints."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
@@ -310,8 +322,10 @@ def fit(model, forward_model, train_set, val_loader, train_coco, class_names, ch
         raise ValueError(f"{len(train_set)} training images make no optimizer step of {args.batch_size} x "
                          f"{world} process(es) x --accum-steps {args.accum_steps}")
     warmup = int(args.warmup_epochs * steps_per_epoch)
+    class_names = data["class_names"]
     loss_fn = criterion(args, train_coco, class_names, device, log)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                args.encoder_lr_mult)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
@@ -326,9 +340,11 @@ def fit(model, forward_model, train_set, val_loader, train_coco, class_names, ch
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
     log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
-    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0}
+    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0,
+           "frozen_bn": [m for m in model.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+           if args.freeze_encoder_bn else []}
     state = lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou,
-                                                         args, class_names, world, metrics)
+                                                         args, data, world, metrics)
     for epoch in range(start_epoch, last_epoch):
         if sampler:
             sampler.set_epoch(epoch)
@@ -374,7 +390,10 @@ def run(args, given, rank, world, device):
     class_names = checkpoint["class_names"] if checkpoint else train_coco.class_names
     if train_coco is not None and train_coco.class_names != class_names:
         raise ValueError(f"{train_json}: classes {train_coco.class_names} differ from the checkpoint's {class_names}")
-    val_loader = get_val_loader(args, val_json, class_names, rank, world, device) if val_json else None
+    # input normalisation belongs to the weights: the checkpoint's, or what the backbone's ImageNet weights expect
+    data = {"class_names": class_names,
+            "normalization": trained_with(checkpoint)[0] if checkpoint else input_normalization(args.backbone)}
+    val_loader = get_val_loader(args, val_json, data, rank, world, device) if val_json else None
     model, forward_model = build_network(args, len(class_names), checkpoint, device, world, log)
     if args.test_only:
         if not val_loader:
@@ -383,8 +402,8 @@ def run(args, given, rank, world, device):
                               args, world, device, log)
         log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
         return metrics
-    train_set = get_dataset(args, train_coco, class_names, log)
-    fit(model, forward_model, train_set, val_loader, train_coco, class_names, checkpoint, output_dir,
+    train_set = get_dataset(args, train_coco, data, log)
+    fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log)
 
 

