@@ -87,13 +87,15 @@ USUAL = "usual: fp32, plain AdamW"  # the peer as its users usually train it: fp
 VARIANTS = {"fp32": (None, False, False), "fp32+cl": (None, True, False), "bf16": (torch.bfloat16, False, False),
             "bf16+cl": (torch.bfloat16, True, False), "fp16 (cuda)": (torch.float16, True, False),
             USUAL: (None, False, True)}
+COMPILED = " compiled"  # a variant's name + this: the same under torch.compile (train.py --compile)
 
 
 def train_stepper(net, device, variant, img_size, batch_size, num_classes):
     """A closure doing one training step (forward, loss, backward, AdamW step) on a fixed random batch, in one of
     VARIANTS. The optimizer is train.py's (AdamW, fused where the device has it), or in the usual variant torch's
     AdamW with its defaults, as a script using SMP would usually write it."""
-    dtype, channels_last, plain_adamw = VARIANTS[variant]
+    compiled = variant.endswith(COMPILED)
+    dtype, channels_last, plain_adamw = VARIANTS[variant.removesuffix(COMPILED)]
     net = net.to(device).train()
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, num_classes, (batch_size, img_size, img_size), device=device)
@@ -103,10 +105,11 @@ def train_stepper(net, device, variant, img_size, batch_size, num_classes):
     opt = (torch.optim.AdamW(net.parameters(), lr=1e-4) if plain_adamw
            else build_optimizer(net, "adamw", lr=1e-4))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    forward = torch.compile(net) if compiled else net
 
     def step():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = net(x)
+            out = forward(x)
         loss = torch.nn.functional.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -193,7 +196,8 @@ def bench_train(args, device):
             nets = {impl: make_net(impl, arch, backbone, args.num_classes) for impl in impls}
             steppers = {}
             for impl in impls:
-                for variant in variants + ([USUAL] if impl == args.peer else []):
+                extra = [USUAL] if impl == args.peer else [v + COMPILED for v in args.compile]
+                for variant in variants + extra:
                     steppers[(impl, variant)] = train_stepper(copy.deepcopy(nets[impl]), device, variant,
                                                               args.img_size, args.batch_size, args.num_classes)
             rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
@@ -211,6 +215,9 @@ def bench_train(args, device):
                           f"{rates[('ours', variant)] / rates[(args.peer, variant)]:.2f}")
                 print(f"ratio ours (train.py defaults: fp32+cl, fused AdamW) / {args.peer} ({USUAL}): "
                       f"{ours_default / rates[(args.peer, USUAL)]:.2f}")
+            for variant in args.compile:
+                print(f"ratio compiled / eager {arch}/{backbone} {variant}: "
+                      f"{rates[('ours', variant + COMPILED)] / rates[('ours', variant)]:.2f}")
     return rows
 
 
@@ -319,6 +326,8 @@ def main():
     p.add_argument("--num-classes", type=int, default=11)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
     p.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch, interleaved")
+    p.add_argument("--compile", nargs="*", default=[], metavar="VARIANT",
+                   help="also time ours under torch.compile in these variants, e.g. fp32+cl bf16+cl")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="peak memory of each training configuration, in a fresh process")
     p.add_argument("--_memory", nargs=4, help=argparse.SUPPRESS)
