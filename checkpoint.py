@@ -30,6 +30,7 @@ MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming
 NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
 # other flags newer than some checkpoints, with what those checkpoints did: flips and 90-degree turns
 LATER_FLAGS = {"orientation": "any"}
+RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
 
 
 def save_checkpoint(state, path):
@@ -69,6 +70,22 @@ def read_checkpoint(path, resume=False):
 def checkpoint_network(saved_args):
     """build_model's arch, backbone and keywords for a checkpoint's saved args."""
     return {key: saved_args.get(key, before) for key, before in NETWORK_FLAGS.items()}
+
+
+def restore_flags(args, saved, given, path):
+    """Resuming: every flag not given on the command line takes the checkpoint's value (the run's own flags
+    aside); a given network flag that differs from the checkpoint's is an error: the network cannot change."""
+    for key, value in saved.items():
+        if key in NETWORK_FLAGS and key in given and value is not None and getattr(args, key) != value:
+            raise ModelError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
+                             f"{value} ({path}): a resumed run keeps its network")
+        if key not in RUN_ONLY_FLAGS and key not in given and hasattr(args, key):
+            setattr(args, key, value)
+    for key, before in NETWORK_FLAGS.items():  # checkpoints from before a flag existed were built without it
+        setattr(args, key, saved.get(key, before))
+    for key, before in LATER_FLAGS.items():
+        if key not in saved and key not in given:
+            setattr(args, key, before)
 
 
 def trained_with(ckpt):

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import (LATER_FLAGS, NETWORK_FLAGS, checkpoint_state, load_weights, read_checkpoint, save_checkpoint,
-                        set_rng_state, trained_with)
+from checkpoint import (checkpoint_state, load_weights, read_checkpoint, restore_flags, save_checkpoint, set_rng_state,
+                        trained_with)
 from coco import DataError, default_cache_dir, load_coco, pixel_counts
 from dataset import AUG_PRESETS, ORIENTATIONS, CopyPaste, SegmentationDataset, collate_full_masks
 from inference import autocast, evaluate
@@ -34,7 +34,6 @@ from optim import build_optimizer, lr_factor
 from outputs import Logger, to_json, write_json
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
-RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
 
 
 def get_args_parser():
@@ -84,7 +83,7 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="torchvision ImageNet weights for the backbone (--no-pretrained: from scratch)")
+                   help="ImageNet weights for the backbone, offline for efficientnet_lite0/1/2 (--no-pretrained: scratch)")
     p.add_argument("--weights", metavar="FILE", help="local weights: a backbone or whole-model state dict")
     p.add_argument("--output-dir", help="default runs/<arch>_<backbone>_fold<k>")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
@@ -127,8 +126,7 @@ def seed_everything(seed):
 
 
 def resume_from(args, given, rank):
-    """The checkpoint to resume (or None) and its folder; flags not given on the command line take the
-    checkpoint's values, and the network flags must match it."""
+    """The checkpoint to resume (or None) and its folder; args take the checkpoint's flags (restore_flags)."""
     path = Path(args.resume) if args.resume and args.resume != "auto" else None
     output_dir = Path(args.output_dir or (path.parent if path else
                                           Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
@@ -139,18 +137,7 @@ def resume_from(args, given, rank):
     if not path.is_file():
         raise ValueError(f"{path}: no checkpoint to resume from")
     checkpoint = read_checkpoint(path, resume=not args.test_only)
-    saved = checkpoint["args"]
-    for key, value in saved.items():
-        if key in NETWORK_FLAGS and key in given and value is not None and getattr(args, key) != value:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
-                             f"{value} ({path}): a resumed run keeps its network")
-        if key not in RUN_ONLY_FLAGS and key not in given and hasattr(args, key):
-            setattr(args, key, value)
-    for key, before in NETWORK_FLAGS.items():  # checkpoints from before a flag existed were built without it
-        setattr(args, key, saved.get(key, before))
-    for key, before in LATER_FLAGS.items():
-        if key not in saved and key not in given:
-            setattr(args, key, before)
+    restore_flags(args, checkpoint["args"], given, path)
     if rank == 0:
         print(f"resuming {path}")
     return checkpoint, output_dir
@@ -276,12 +263,12 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
             run["bad_steps"], window_has_grad = 0, True
             scaler.scale(loss / args.accum_steps).backward()
             loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
-        if (i + 1) % args.accum_steps == 0 and window_has_grad:  # a window of only bad batches steps nothing
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
         if (i + 1) % args.accum_steps == 0:
+            if window_has_grad:  # a window of only bad batches has nothing to step
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             window_has_grad = False
         seen, seen_print = seen + images.shape[0] * world, seen_print + images.shape[0] * world
         if (i + 1) % (args.print_freq * args.accum_steps) == 0 or i + 1 == batches:
@@ -312,31 +299,36 @@ def validate(model, val_loader, class_names, epoch, args, world, device, log):
 
 # ----------------------------------------------------------------------------- main
 
+def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
+    """Optimizer, LR schedule, grad scaler, first epoch and best mIoU: fresh, or as the checkpoint left them."""
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                args.encoder_lr_mult)
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    if not checkpoint:
+        return optimizer, scheduler, scaler, 0, -1.0
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+    log.print(f"resumed at epoch {checkpoint['epoch'] + 1} (best mIoU {checkpoint['best_miou']:.4f})")
+    return optimizer, scheduler, scaler, checkpoint["epoch"] + 1, checkpoint["best_miou"]
+
+
 def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log):
-    """The training run: optimizer, schedule, epochs, validation and checkpoints."""
+    """The training run: epochs, validation and checkpoints."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
         if world > 1 else None
     steps_per_epoch = len(train_set) // (args.batch_size * world) // args.accum_steps
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no optimizer step of {args.batch_size} x "
                          f"{world} process(es) x --accum-steps {args.accum_steps}")
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    class_names = data["class_names"]
-    loss_fn = criterion(args, train_coco, class_names, device, log)
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
-                                args.encoder_lr_mult)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    start_epoch, best_miou = 0, -1.0
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_miou = checkpoint["epoch"] + 1, checkpoint["best_miou"]
-        set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
-        log.print(f"resumed at epoch {start_epoch} (best mIoU {best_miou:.4f})")
+    loss_fn = criterion(args, train_coco, data["class_names"], device, log)
+    optimizer, scheduler, scaler, start_epoch, best_miou = training_state(model, steps_per_epoch, checkpoint,
+                                                                          args, rank, device, log)
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
     log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
@@ -353,8 +345,7 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
             train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
             num_workers=args.workers, pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        run["epochs_left"] = last_epoch - epoch - 1
-        t = time.time()
+        run["epochs_left"], t = last_epoch - epoch - 1, time.time()
         try:
             rate = train_one_epoch(forward_model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log)
         except NonFiniteLoss:
@@ -366,7 +357,8 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
         log.log({"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate})
         metrics, improved = None, False
         if val_loader and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            metrics, confusion = validate(forward_model, val_loader, class_names, epoch, args, world, device, log)
+            metrics, confusion = validate(forward_model, val_loader, data["class_names"], epoch, args, world,
+                                          device, log)
             improved, best_miou = metrics["mIoU"] > best_miou, max(best_miou, metrics["mIoU"])
         saved = state(epoch, metrics)  # on every rank: it gathers each rank's RNG state
         if rank == 0:
@@ -375,8 +367,8 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
                 save_checkpoint(saved, output_dir / "best.pt")
         if rank == 0 and improved:
             write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
-    best = f"best mIoU {best_miou:.4f}" if best_miou >= 0 else "no validation"
-    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
+    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, "
+              f"{f'best mIoU {best_miou:.4f}' if best_miou >= 0 else 'no validation'}, checkpoints in {output_dir}")
 
 
 def run(args, given, rank, world, device):

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -329,3 +330,27 @@ def test_frozen_encoder_batch_norm_keeps_its_statistics(demo_dir, tmp_path):
     assert not all(torch.equal(free[k], start[k]) for k in stats)  # without the flag they move
     decoder = [k for k in start if k.startswith("blocks.") and k.endswith("running_mean")]
     assert not all(torch.equal(frozen[k], start[k]) for k in decoder)  # the decoder's still learn
+
+
+@pytest.mark.slow
+def test_the_default_command_starts_from_imagenet_weights_offline(demo_dir, tmp_path, monkeypatch):
+    import backbones
+    from train import get_args_parser
+    default = get_args_parser().parse_args([]).backbone
+    if importlib.util.find_spec(backbones.PACKAGED_WEIGHTS[default][1]) is None:
+        pytest.skip(f"{backbones.PACKAGED_WEIGHTS[default][0]} is not installed")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    loaded = []
+    real = backbones.load_in_order
+    monkeypatch.setattr(backbones, "load_in_order", lambda net, path, name: loaded.append(path) or real(net, path, name))
+    out = tmp_path / "default"
+    # `python train.py --fold 0 --amp`, on the demo set at a tiny size
+    train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none", "--amp",
+                "--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--output-dir", str(out),
+                "--mask-cache", "none"])
+    assert loaded == [backbones.packaged_weights_file(default)]
+    ckpt = load(out / "last.pt")
+    assert ckpt["args"]["pretrained"] and ckpt["args"]["backbone"] == default
