@@ -44,7 +44,8 @@ def get_args_parser():
     p.add_argument("--train-json", help="explicit training JSON (path, or name under --data-dir)")
     p.add_argument("--val-json", help="explicit validation JSON; 'none' trains on everything without validation")
     p.add_argument("--arch", default="deeplabv3plus", choices=ARCHS)
-    p.add_argument("--backbone", default="resnet50", choices=list(BACKBONES))
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
+                   help="default: ImageNet weights that need no download (packaged)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
     p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
                    help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
