@@ -375,6 +375,8 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
 def run(args, given, rank, world, device):
     seed_everything(args.seed + rank)
     checkpoint, output_dir = resume_from(args, given, rank)
+    if args.test_only and not checkpoint:
+        raise ValueError("--test-only validates a checkpoint: give it with --resume PATH")
     prepare_output_dir(output_dir, args, checkpoint is not None, rank)
     log = Logger(None if args.test_only else output_dir, rank)
     # the class list comes from the training JSON (or the checkpoint); other JSONs map onto it by name
@@ -391,8 +393,7 @@ def run(args, given, rank, world, device):
     if args.test_only:
         if not val_loader:
             raise ValueError("--test-only needs a validation JSON")
-        metrics, _ = validate(forward_model, val_loader, class_names, checkpoint["epoch"] if checkpoint else 0,
-                              args, world, device, log)
+        metrics, _ = validate(forward_model, val_loader, class_names, checkpoint["epoch"], args, world, device, log)
         log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
         return metrics
     train_set = get_dataset(args, train_coco, data, log)

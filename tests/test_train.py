@@ -185,6 +185,8 @@ def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
                           "--no-pretrained", "--workers", "0"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "train_fold0.json: file not found" in out.stdout + out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "train.py", "--test-only"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "--test-only validates a checkpoint" in out.stdout and "Traceback" not in out.stderr
 
 
 def free_port():
