@@ -180,6 +180,7 @@ def test_an_existing_run_is_not_overwritten_without_force(demo_dir, tmp_path):
     train.main(tiny_args(demo_dir, out, "--epochs", "1", "--val-json", "none", "--force"))
 
 
+@pytest.mark.slow
 def test_bad_data_is_a_clear_error_not_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--fold", "0",
                           "--no-pretrained", "--workers", "0"], capture_output=True, text=True, cwd=REPO)
