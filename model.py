@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbones import BACKBONES, HEAD_PREFIXES, ModelError, classification_net, input_normalization  # noqa: F401
+from backbones import BACKBONES, ModelError, classification_net
 
 ARCHS = ("deeplabv3plus", "unet")
 
@@ -259,8 +259,8 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward = median of {args.repeats}, "
           f"batch 1, fp32, eval")
-    print(f"| arch | backbone | output stride | params (M) | GFLOPs @512 | CPU forward ms @256 |")
-    print(f"|---|---|---|---|---|---|")
+    print("| arch | backbone | output stride | params (M) | GFLOPs @512 | CPU forward ms @256 |")
+    print("|---|---|---|---|---|---|")
     for arch in args.archs:
         for backbone in args.backbones:
             model = build_model(arch, backbone, args.num_classes)

@@ -29,7 +29,8 @@ from dataset import AUG_PRESETS, ORIENTATIONS, CopyPaste, SegmentationDataset, c
 from inference import autocast, evaluate
 from losses import WEIGHT_METHODS, build_loss, class_weights
 from metrics import metrics_table, segmentation_metrics
-from model import ARCHS, BACKBONES, ModelError, build_model, input_normalization
+from backbones import input_normalization
+from model import ARCHS, BACKBONES, ModelError, build_model
 from optim import build_optimizer, lr_factor
 from outputs import Logger, to_json, write_json
 

@@ -16,7 +16,7 @@ import coco as coco_module
 import data
 import dataset
 import outputs
-from conftest import CATEGORIES, square, write_set
+from conftest import square, write_set
 from coco import DataError, MaskCache, load_coco, paint_mask, pixel_counts
 from dataset import SegmentationDataset
 
