@@ -34,10 +34,22 @@ def segmentation_metrics(confusion, class_names):
     tp, gt, pred = cm.diag(), cm.sum(1), cm.sum(0)
     iou = iou_per_class(cm)
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
+    per_class = {name: {"IoU": float(iou[c]), "Acc": float(acc[c]), "gt_pixels": int(gt[c]),
+                        "pred_pixels": int(pred[c]), "mistaken_for": mistaken_for(cm, c, class_names)}
+                 for c, name in enumerate(class_names)}
     return {"aAcc": float(tp.sum() / cm.sum().clamp(min=1)), "mAcc": float(acc.nanmean()),
-            "mIoU": float(iou.nanmean()),
-            "per_class": {name: {"IoU": float(iou[c]), "Acc": float(acc[c]), "gt_pixels": int(gt[c]),
-                                 "pred_pixels": int(pred[c])} for c, name in enumerate(class_names)}}
+            "mIoU": float(iou.nanmean()), "per_class": per_class}
+
+
+def mistaken_for(confusion, c, class_names):
+    """The other class that takes the largest share of class c's ground-truth pixels, as {class, share}; None when
+    c has no pixels or none went elsewhere. Tells a missed object (Background) from a confused material."""
+    row = confusion[c].clone()
+    total, row[c] = row.sum(), 0
+    if total == 0 or row.max() == 0:
+        return None
+    other = int(row.argmax())
+    return {"class": class_names[other], "share": float(row[other] / total)}
 
 
 def per_image_iou(pred, target, num_classes):
@@ -50,14 +62,17 @@ def metrics_table(metrics):
     """Printable per-class table; a NaN IoU is shown as '-' with why."""
     def cell(value):
         return f"{'-':>8}" if math.isnan(value) else f"{100 * value:>8.2f}"
-    lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}{'gt px':>11}{'pred px':>11}"]
+    lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}{'gt px':>11}{'pred px':>11}  most mistaken for"]
     for name, m in metrics["per_class"].items():
+        wrong = m.get("mistaken_for")  # metrics.json of older runs lack it
+        wrong = f"{wrong['class'][:15]} {100 * wrong['share']:.0f}%" if wrong else ""
         if math.isnan(m["IoU"]):
             note = "  absent from ground truth and prediction: not in the means"
         elif m["gt_pixels"] == 0:
             note = "  absent from ground truth but predicted: IoU 0, counted"
         else:
             note = ""
-        lines.append(f"{name[:15]:<16}{cell(m['IoU'])}{cell(m['Acc'])}{m['gt_pixels']:>11}{m['pred_pixels']:>11}{note}")
+        lines.append(f"{name[:15]:<16}{cell(m['IoU'])}{cell(m['Acc'])}{m['gt_pixels']:>11}{m['pred_pixels']:>11}"
+                     f"  {wrong:<24}{note}".rstrip())
     lines.append(f"aAcc {100 * metrics['aAcc']:.2f}  mAcc {100 * metrics['mAcc']:.2f}  mIoU {100 * metrics['mIoU']:.2f}")
     return "\n".join(lines)

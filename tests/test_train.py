@@ -64,6 +64,11 @@ def test_metrics_on_a_hand_computed_matrix_with_absent_classes():
     assert "absent from ground truth and prediction" in lines["B"]
     assert "absent from ground truth but predicted: IoU 0" in lines["C"]
     assert "absent" not in lines["A"]
+    # most mistaken for: A loses 2 of 6 pixels to Background; Background loses 1 to A and 1 to C (tie: first)
+    assert m["per_class"]["A"]["mistaken_for"] == {"class": "Background", "share": 2 / 6}
+    assert m["per_class"]["Background"]["mistaken_for"] == {"class": "A", "share": 1 / 10}
+    assert m["per_class"]["B"]["mistaken_for"] is None
+    assert "Background 33%" in lines["A"]
 
 
 def test_perfect_prediction_gives_miou_one():
