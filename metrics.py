@@ -64,7 +64,7 @@ def metrics_table(metrics):
         return f"{'-':>8}" if math.isnan(value) else f"{100 * value:>8.2f}"
     lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}{'gt px':>11}{'pred px':>11}  most mistaken for"]
     for name, m in metrics["per_class"].items():
-        wrong = m.get("mistaken_for")  # metrics.json of older runs lack it
+        wrong = m["mistaken_for"]
         wrong = f"{wrong['class'][:15]} {100 * wrong['share']:.0f}%" if wrong else ""
         if math.isnan(m["IoU"]):
             note = "  absent from ground truth and prediction: not in the means"
