@@ -64,8 +64,8 @@ def metrics_table(metrics):
         return f"{'-':>8}" if math.isnan(value) else f"{100 * value:>8.2f}"
     lines = [f"{'class':<16}{'IoU':>8}{'Acc':>8}{'gt px':>11}{'pred px':>11}  most mistaken for"]
     for name, m in metrics["per_class"].items():
-        wrong = m["mistaken_for"]
-        wrong = f"{wrong['class'][:15]} {100 * wrong['share']:.0f}%" if wrong else ""
+        other = m["mistaken_for"]
+        mistaken = f"{other['class'][:15]} {100 * other['share']:.0f}%" if other else ""
         if math.isnan(m["IoU"]):
             note = "  absent from ground truth and prediction: not in the means"
         elif m["gt_pixels"] == 0:
@@ -73,6 +73,6 @@ def metrics_table(metrics):
         else:
             note = ""
         lines.append(f"{name[:15]:<16}{cell(m['IoU'])}{cell(m['Acc'])}{m['gt_pixels']:>11}{m['pred_pixels']:>11}"
-                     f"  {wrong:<24}{note}".rstrip())
+                     f"  {mistaken:<24}{note}".rstrip())
     lines.append(f"aAcc {100 * metrics['aAcc']:.2f}  mAcc {100 * metrics['mAcc']:.2f}  mIoU {100 * metrics['mIoU']:.2f}")
     return "\n".join(lines)
