@@ -61,8 +61,6 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--encoder-lr-mult", type=float, default=1.0, help="the encoder's lr = --lr x this")
-    p.add_argument("--freeze-encoder-bn", action="store_true",
-                   help="keep the encoder's batch-norm statistics as loaded (for small batches)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"))
     p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     p.add_argument("--scheduler", default="poly", choices=("poly", "cosine", "onecycle", "step"))
@@ -236,11 +234,9 @@ def all_finite(loss, world):
 
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
-    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps, frozen_bn};
-    bad_steps carries over epochs. Returns images seen per second."""
+    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps}; bad_steps
+    carries over epochs. Returns images seen per second."""
     model.train()
-    for norm in run["frozen_bn"]:  # --freeze-encoder-bn: statistics stay as loaded, affine weights still learn
-        norm.eval()
     batches, world, device = run["steps_per_epoch"] * args.accum_steps, run["world"], run["device"]
     t_epoch = t_print = time.time()
     seen, seen_print, loss_sum, loss_count, window_has_grad = 0, 0, 0.0, 0, False
@@ -334,9 +330,7 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
     log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
-    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0,
-           "frozen_bn": [m for m in model.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-           if args.freeze_encoder_bn else []}
+    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0}
     state = lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou,
                                                          args, data, world, metrics)
     for epoch in range(start_epoch, last_epoch):

@@ -328,19 +328,6 @@ def test_normalisation_and_orientation_travel_in_the_checkpoint(demo_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_frozen_encoder_batch_norm_keeps_its_statistics(demo_dir, tmp_path):
-    for name, extra in (("frozen", ["--freeze-encoder-bn"]), ("free", [])):
-        train.main(tiny_args(demo_dir, tmp_path / name, "--epochs", "1", "--val-json", "none", *extra))
-    start = build_model("unet", "resnet18", 11).state_dict()  # running mean 0, variance 1 from scratch
-    frozen, free = load(tmp_path / "frozen" / "last.pt")["model"], load(tmp_path / "free" / "last.pt")["model"]
-    stats = [k for k in start if k.startswith("encoder.") and k.endswith(("running_mean", "running_var"))]
-    assert stats and all(torch.equal(frozen[k], start[k]) for k in stats)
-    assert not all(torch.equal(free[k], start[k]) for k in stats)  # without the flag they move
-    decoder = [k for k in start if k.startswith("blocks.") and k.endswith("running_mean")]
-    assert not all(torch.equal(frozen[k], start[k]) for k in decoder)  # the decoder's still learn
-
-
-@pytest.mark.slow
 def test_the_default_command_starts_from_imagenet_weights_offline(demo_dir, tmp_path, monkeypatch):
     import backbones
     from train import get_args_parser
