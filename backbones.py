@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
@@ -94,9 +95,38 @@ def packaged_weights_file(backbone, required=True):
     return path
 
 
-def efficientnet_lite(backbone):
+class Conv2dSame(nn.Conv2d):
+    """A convolution padded as TensorFlow's "SAME": out = ceil(in / stride), and where the padding is odd the
+    extra row and column go at the bottom and right. torchvision pads stride-2 convs symmetrically, which shifts
+    every sampling point of weights trained in TensorFlow (the Lite files) by one pixel. The padding follows the
+    input's size and the conv's current stride and dilation, so dilating it for output stride 16/8 still works."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def pad_like_tensorflow(net):
+    """Swap every stride-2 conv for a Conv2dSame with the same parameters (names and order of the state dict are
+    kept); stride-1 convs with odd kernels pad the same in both frameworks and stay as they are."""
+    for name, conv in list(net.named_modules()):
+        if isinstance(conv, nn.Conv2d) and conv.stride != (1, 1):
+            same = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
+                              conv.dilation, conv.groups, conv.bias is not None)
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, same)
+    return net
+
+
+def efficientnet_lite(backbone, tf_padding=False):
     """EfficientNet-Lite on torchvision's EfficientNet: no squeeze-excitation, ReLU6, batch-norm eps 1e-3, stem and
-    head not scaled (32 and 1280 channels), first and last stage kept at one block."""
+    head not scaled (32 and 1280 channels), first and last stage kept at one block. tf_padding: stride-2 convs pad
+    as in TensorFlow, where the weights were trained."""
     width, depth = LITE_SCALING[backbone]
     # EfficientNet-B0's stages: expand ratio, kernel, stride, in, out, blocks
     stages = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
@@ -110,7 +140,7 @@ def efficientnet_lite(backbone):
             setattr(net.get_submodule(parent), child, nn.Identity())
         elif isinstance(module, nn.SiLU):
             setattr(net.get_submodule(parent), child, nn.ReLU6(inplace=True))
-    return net
+    return pad_like_tensorflow(net) if tf_padding else net
 
 
 def load_in_order(net, path, backbone):
@@ -125,10 +155,10 @@ def load_in_order(net, path, backbone):
     net.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
 
 
-def classification_net(backbone, pretrained):
-    """The whole classification network, with ImageNet weights when pretrained."""
+def classification_net(backbone, pretrained, tf_padding=False):
+    """The whole classification network, with ImageNet weights when pretrained; tf_padding applies to Lite only."""
     if backbone in LITE_SCALING:
-        net = efficientnet_lite(backbone)
+        net = efficientnet_lite(backbone, tf_padding)
         if pretrained:
             load_in_order(net, packaged_weights_file(backbone), backbone)
         return net

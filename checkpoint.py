@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from backbones import HEAD_PREFIXES, IMAGENET_NORMALIZATION, ModelError
 from model import build_model
+from outputs import writing
 
 CHECKPOINT_KEYS = {
     "model": "the network's state dict",
@@ -27,17 +28,56 @@ CHECKPOINT_KEYS = {
 __doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in CHECKPOINT_KEYS.items())
 MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key but normalization
 # the flags that shape the network, each with what checkpoints written before the flag existed were built with
-NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2}
+NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2,
+                 "tf_padding": False}
 # other flags newer than some checkpoints, with what those checkpoints did: flips and 90-degree turns
 LATER_FLAGS = {"orientation": "any"}
 RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
 
 
+class _RecordingFile:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports a full disk as a RuntimeError
+    about zip positions ("unexpected pos ...") and loses the reason."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested dict/list: about what a checkpoint of it takes on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(state, path):
-    """Atomic: a crash mid-write leaves the previous file intact."""
+    """Atomic: a crash, a full disk or a stop signal mid-write leaves the previous file intact and no .tmp behind;
+    a failed write is a WriteError naming the file, the bytes it needed and the free space."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp, needed=tensor_bytes(state)):
+        with open(tmp, "wb") as f:
+            recording = _RecordingFile(f)
+            try:
+                torch.save(state, recording)
+            except RuntimeError:
+                if recording.error is None:
+                    raise
+                raise recording.error from None
+        os.replace(tmp, path)
 
 
 def load_state_file(path, what="weights"):
@@ -86,6 +126,24 @@ def restore_flags(args, saved, given, path):
     for key, before in LATER_FLAGS.items():
         if key not in saved and key not in given:
             setattr(args, key, before)
+
+
+def resume_from(args, given, rank):
+    """The checkpoint to resume (or None) and its folder; args take the checkpoint's flags (restore_flags)."""
+    path = Path(args.resume) if args.resume and args.resume != "auto" else None
+    output_dir = Path(args.output_dir or (path.parent if path else
+                                          Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
+    if args.resume == "auto":
+        path = output_dir / "last.pt"
+    if not path:
+        return None, output_dir
+    if not path.is_file():
+        raise ValueError(f"{path}: no checkpoint to resume from")
+    checkpoint = read_checkpoint(path, resume=not args.test_only)
+    restore_flags(args, checkpoint["args"], given, path)
+    if rank == 0:
+        print(f"resuming {path}")
+    return checkpoint, output_dir
 
 
 def trained_with(ckpt):

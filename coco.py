@@ -242,8 +242,21 @@ def default_cache_dir():
 
 
 def open_mask_cache(flag):
-    """A --mask-cache flag's value: a folder, or 'none' for no cache."""
-    return None if flag is None or str(flag).lower() == "none" else MaskCache(flag)
+    """A --mask-cache flag's value: a folder, or 'none' for no cache. The cache only saves time: a folder that
+    cannot be written (read-only, full) gives one warning and no cache."""
+    if flag is None or str(flag).lower() == "none":
+        return None
+    cache = MaskCache(flag)
+    probe = cache.dir / f".probe.{os.getpid()}"
+    try:
+        cache.dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        warnings.warn(f"mask cache {cache.dir} cannot be written ({e.strerror or e}): going on without it, masks "
+                      f"are painted each time (--mask-cache DIR elsewhere, or --mask-cache none)")
+        return None
+    return cache
 
 
 class MaskCache:
@@ -253,6 +266,7 @@ class MaskCache:
 
     def __init__(self, cache_dir):
         self.dir = Path(cache_dir)
+        self.writable = True
 
     def key(self, image, anns, cat_to_class):
         parts = [image["height"], image["width"],
@@ -268,11 +282,21 @@ class MaskCache:
             except OSError:
                 pass  # a damaged cache file is rebuilt below
         mask = paint_mask(image, anns, cat_to_class)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".{os.getpid()}.tmp")
-        Image.fromarray(mask, "L").save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, file)  # atomic: loader workers never see half a file
+        if self.writable:
+            self.store(file, mask)
         return mask
+
+    def store(self, file, mask):
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask, "L").save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, file)  # atomic: loader workers never see half a file
+        except OSError as e:  # the disk filled up since the cache was opened: the run goes on without it
+            tmp.unlink(missing_ok=True)
+            self.writable = False
+            warnings.warn(f"mask cache {self.dir}: cannot write {file.name} ({e.strerror or e}); masks are no "
+                          f"longer cached in this process")
 
 
 def read_mask(file):

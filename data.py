@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from coco import (COMPETITION_CLASSES, DataError, default_cache_dir, load_coco, load_mask, open_mask_cache,
                   pixel_counts, read_image)
 from losses import WEIGHT_METHODS, class_weights
-from outputs import overlay, write_json
+from outputs import WriteError, overlay, write_json, writing
 
 DEMO_SIZES = [(320, 320), (320, 240), (240, 320), (300, 225)]
 # each demo class is painted in its own tint and stripe frequency, so that a small network can learn it
@@ -57,7 +57,8 @@ def draw_demo_image(rng, out, index, labeled):
         canvas[bitmap] = (color + stripes[..., None] + rng.normal(0, 6, (h, w, 3)))[bitmap]
         objects.append((c, poly, bitmap))
     file_name = f"{'images' if labeled else 'test_images'}/demo_{index:04d}.jpg"
-    Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(out / file_name, quality=90)
+    with writing(out / file_name, out / file_name):
+        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(out / file_name, quality=90)
     return {"id": index + 1, "file_name": file_name, "width": w, "height": h}, objects
 
 
@@ -136,7 +137,9 @@ def write_overlays(coco, n, out_dir, cache):
     for i, img in enumerate(coco.images[:n]):
         image = read_image(coco.image_path(img)).permute(1, 2, 0).numpy()
         mask = load_mask(coco, i, cache) if coco.labeled else np.zeros(image.shape[:2], np.uint8)
-        overlay(image, mask, coco.class_names, title=img["file_name"]).save(out / f"{Path(img['file_name']).stem}.png")
+        path = out / f"{Path(img['file_name']).stem}.png"
+        with writing(path, path):
+            overlay(image, mask, coco.class_names, title=img["file_name"]).save(path)
     print(f"wrote {min(n, len(coco))} overlays to {out}")
 
 
@@ -166,7 +169,9 @@ def main():
               f"every annotation's image, category and segmentation")
         if args.vis:
             write_overlays(coco, args.vis, args.output_dir, open_mask_cache(args.mask_cache))
-    except DataError as e:
+    except (DataError, WriteError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be made: the message names it
         sys.exit(f"error: {e}")
 
 

@@ -113,7 +113,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(args)
-    except (OutputError, DataError) as e:
+    except (OutputError, DataError) as e:  # a WriteError is an OutputError
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be made: the message names it
         sys.exit(f"error: {e}")
 
 

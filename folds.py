@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from coco import DataError, load_coco, pixel_counts
-from outputs import write_json
+from outputs import WriteError, write_json
 
 
 def image_groups(file_names, pattern=None):
@@ -141,12 +141,15 @@ def main():
         sys.exit(f"error: {coco.json_path}: {e}")
 
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.data_dir) / "folds"
-    out_dir.mkdir(parents=True, exist_ok=True)
     ids = np.array([img["id"] for img in coco.images])
-    for f in range(args.k):
-        # only what the loader accepted: with --skip-bad, dropped images and annotations stay out of the folds
-        write_json(out_dir / f"train_fold{f}.json", coco.to_dict(ids[folds != f].tolist()))
-        write_json(out_dir / f"val_fold{f}.json", coco.to_dict(ids[folds == f].tolist()))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in range(args.k):
+            # only what the loader accepted: with --skip-bad, dropped images and annotations stay out of the folds
+            write_json(out_dir / f"train_fold{f}.json", coco.to_dict(ids[folds != f].tolist()))
+            write_json(out_dir / f"val_fold{f}.json", coco.to_dict(ids[folds == f].tolist()))
+    except (WriteError, OSError) as e:
+        sys.exit(f"error: {e} (the data root may be read-only: --output-dir elsewhere)")
     print(f"{coco.json_path}: {len(ids)} images in {len(set(groups))} groups -> {args.k} folds in {out_dir}")
     holders = class_holders(counts, groups)
     table, worst, missing = fold_table(counts, folds, coco.class_names, args.k, holders, args.by)

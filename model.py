@@ -27,13 +27,13 @@ ARCHS = ("deeplabv3plus", "unet")
 class Encoder(nn.Module):
     """A torchvision backbone as a list of feature maps, one per stride."""
 
-    def __init__(self, backbone, pretrained=False, output_stride=32):
+    def __init__(self, backbone, pretrained=False, output_stride=32, tf_padding=False):
         super().__init__()
         if backbone not in BACKBONES:
             raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
         blocks, dilatable, self.nhwc = BACKBONES[backbone]
         self.backbone = backbone
-        self.net = classification_net(backbone, pretrained)
+        self.net = classification_net(backbone, pretrained, tf_padding)
         for name in ("fc", "classifier", "head", "avgpool", "norm", "permute", "flatten"):
             if hasattr(self.net, name):
                 delattr(self.net, name)
@@ -208,15 +208,16 @@ class UNet(nn.Module):
 
 
 def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=None, separable=True,
-                decoder_convs=1):
-    """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32."""
+                decoder_convs=1, tf_padding=False):
+    """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32.
+    tf_padding: efficientnet_lite's stride-2 convs pad as TensorFlow's "SAME" (ignored by other backbones)."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     if backbone not in BACKBONES:
         raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
     if output_stride is None:
         output_stride = 16 if arch == "deeplabv3plus" and BACKBONES[backbone][1] else 32
-    encoder = Encoder(backbone, pretrained=pretrained, output_stride=output_stride)
+    encoder = Encoder(backbone, pretrained=pretrained, output_stride=output_stride, tf_padding=tf_padding)
     if arch == "deeplabv3plus":
         model = DeepLabV3Plus(encoder, num_classes, separable, decoder_convs)
     else:

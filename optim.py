@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of train.py.
+"""Optimizer and learning-rate schedule of train.py, fresh or as a checkpoint left them.
 
     optimizer = build_optimizer(model, "adamw", lr=2e-4, weight_decay=1e-4)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, "poly"))
@@ -6,6 +6,8 @@
 import math
 
 import torch
+
+from checkpoint import set_rng_state
 
 
 def param_groups(model, lr, weight_decay, encoder_lr_mult=1.0):
@@ -49,3 +51,21 @@ def lr_factor(step, total, warmup, kind):
     if kind == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
     return 0.1 ** int(progress * 3)  # step: x0.1 at 1/3 and 2/3 of the run
+
+
+def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
+    """Optimizer, LR schedule, grad scaler, first epoch and best mIoU: fresh, or as the checkpoint left them."""
+    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                args.encoder_lr_mult)
+    warmup = int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    if not checkpoint:
+        return optimizer, scheduler, scaler, 0, -1.0
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
+    log.print(f"resumed at epoch {checkpoint['epoch'] + 1} (best mIoU {checkpoint['best_miou']:.4f})")
+    return optimizer, scheduler, scaler, checkpoint["epoch"] + 1, checkpoint["best_miou"]

@@ -6,7 +6,9 @@ prob_size, timing, and images: one entry per image in the JSON's order with file
 ("masks/<file_name>.png", uint8 class ids at the image's size) and, unless --no-probs, probs
 ("probs/<file_name>.npy", float16 (C, H, W) softmax probabilities).
 """
+import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -29,6 +31,53 @@ class OutputError(ValueError):
     """Bad arguments or inputs for writing or combining predictions: the message says which and why."""
 
 
+class WriteError(OutputError):
+    """A file could not be written (full or read-only disk...): the message names it, the error and the free space."""
+
+
+# ----------------------------------------------------------------------------- writing files, and when it fails
+
+def free_bytes(path):
+    """Free bytes on the disk that holds path (or its nearest existing parent); None when unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def megabytes(n):
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def write_failure(path, error, needed=None):
+    """One sentence: which file, what went wrong, and for a full disk what it needed and what is free."""
+    reason = error.strerror or str(error)
+    text = f"cannot write {path}: {reason}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path)
+        text += (f" (it needed about {megabytes(needed)}" if needed else " (") + \
+                (f"{'; ' if needed else ''}{megabytes(free)} free on its disk)" if free is not None else ")")
+    return text.replace(" ()", "")
+
+
+@contextlib.contextmanager
+def writing(path, partial=None, needed=None):
+    """Around the writing of one file: an OSError becomes a WriteError naming it (no traceback for the user), and
+    the partial file (a .tmp, or the file itself where it is not written atomically) is removed whatever stops
+    the write, a signal included."""
+    try:
+        yield
+    except BaseException as e:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(write_failure(path, e, needed)) from None
+        raise
+
+
 # ----------------------------------------------------------------------------- JSON, and train.py's JSON-lines log
 
 def to_json(obj, indent=None):
@@ -49,8 +98,9 @@ def write_json(path, obj, indent=None):
     """Atomic: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(to_json(obj, indent))
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        tmp.write_text(to_json(obj, indent))
+        os.replace(tmp, path)
 
 
 class Logger:
@@ -66,7 +116,7 @@ class Logger:
 
     def log(self, record):
         if self.rank == 0 and self.file:
-            with open(self.file, "a") as f:
+            with writing(self.file), open(self.file, "a") as f:
                 f.write(to_json(record) + "\n")
 
 
@@ -110,7 +160,8 @@ def save_mask(mask, path, class_names):
     image = Image.fromarray(mask.astype(np.uint8), mode="P")
     flat = [v for color in palette(class_names) for v in color]
     image.putpalette(flat + [0] * (768 - len(flat)))
-    image.save(path)
+    with writing(path, path):
+        image.save(path)
 
 
 def csv_row(file_name, mask, csv_size):
@@ -120,14 +171,14 @@ def csv_row(file_name, mask, csv_size):
 
 
 def write_submission(path, rows):
-    with open(path, "w", newline="") as f:
+    with writing(path, path), open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "PredictionString"])
         writer.writerows(rows)
 
 
 def write_per_image(path, rows, class_names):
-    with open(path, "w", newline="") as f:
+    with writing(path, path), open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "mIoU"] + class_names)
         for file_name, ious, miou in rows:
@@ -176,7 +227,9 @@ def write_vis(out_dir, items, data_dir, class_names, n):
         for p in panels:
             canvas.paste(p, (x, 0))
             x += p.width
-        canvas.save(out_dir / f"{rank:03d}_{Path(file_name).stem}.png")
+        path = out_dir / f"{rank:03d}_{Path(file_name).stem}.png"
+        with writing(path, path):
+            canvas.save(path)
 
 
 # ----------------------------------------------------------------------------- everything from per-image results

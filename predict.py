@@ -23,7 +23,7 @@ from coco import DataError, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from inference import evaluate_batch, to_image_size, tta_flips
 from model import ModelError
-from outputs import OutputError, mask_name, prepare_output_dir, write_json, write_results
+from outputs import OutputError, mask_name, prepare_output_dir, write_json, write_results, writing
 
 
 def prob_shape(height, width, max_side):
@@ -77,7 +77,8 @@ def save_probs(out_dir, meta, full, max_side):
     saved = to_image_size(full, *shape)
     name = "probs/" + str(Path(meta["file_name"]).with_suffix(".npy"))
     (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / name, saved.cpu().numpy().astype(np.float16))
+    with writing(out_dir / name, out_dir / name):
+        np.save(out_dir / name, saved.cpu().numpy().astype(np.float16))
     return name
 
 
@@ -151,7 +152,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (OutputError, DataError, ModelError) as e:
+    except (OutputError, DataError, ModelError) as e:  # a WriteError is an OutputError
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a folder that cannot be made: the message names it
         sys.exit(f"error: {e}")
 
 

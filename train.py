@@ -10,7 +10,6 @@ Defaults are a GPU recipe for 512x512 photos; README gives a CPU-sized command.
 """
 import argparse
 import datetime
-import os
 import random
 import sys
 import time
@@ -22,17 +21,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import (checkpoint_state, load_weights, read_checkpoint, restore_flags, save_checkpoint, set_rng_state,
-                        trained_with)
+from checkpoint import checkpoint_state, load_weights, resume_from, save_checkpoint, trained_with
 from coco import DataError, default_cache_dir, load_coco, pixel_counts
 from dataset import AUG_PRESETS, ORIENTATIONS, CopyPaste, SegmentationDataset, collate_full_masks
+from distributed import agree_on_step, setup_distributed
+from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
 from inference import autocast, evaluate
 from losses import WEIGHT_METHODS, build_loss, class_weights
 from metrics import metrics_table, segmentation_metrics
 from backbones import input_normalization
 from model import ARCHS, BACKBONES, ModelError, build_model
-from optim import build_optimizer, lr_factor
-from outputs import Logger, to_json, write_json
+from optim import training_state
+from outputs import Logger, WriteError, to_json, write_json
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
@@ -52,6 +52,8 @@ def get_args_parser():
                    help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
     p.add_argument("--decoder-convs", type=int, default=1,
                    help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
+    p.add_argument("--tf-padding", action=argparse.BooleanOptionalAction, default=False,
+                   help="efficientnet_lite: stride-2 convs pad as TensorFlow's SAME, as its weights were trained")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
@@ -106,41 +108,10 @@ def given_flags(argv):
 
 # ----------------------------------------------------------------------------- set-up
 
-def setup_distributed(device_flag):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo on CPU. Returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and device_flag != "cpu"
-    if world == 1:
-        return 0, 1, torch.device(device_flag or ("cuda" if cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resume_from(args, given, rank):
-    """The checkpoint to resume (or None) and its folder; args take the checkpoint's flags (restore_flags)."""
-    path = Path(args.resume) if args.resume and args.resume != "auto" else None
-    output_dir = Path(args.output_dir or (path.parent if path else
-                                          Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
-    if args.resume == "auto":
-        path = output_dir / "last.pt"
-    if not path:
-        return None, output_dir
-    if not path.is_file():
-        raise ValueError(f"{path}: no checkpoint to resume from")
-    checkpoint = read_checkpoint(path, resume=not args.test_only)
-    restore_flags(args, checkpoint["args"], given, path)
-    if rank == 0:
-        print(f"resuming {path}")
-    return checkpoint, output_dir
 
 
 def prepare_output_dir(output_dir, args, resuming, rank):
@@ -186,7 +157,8 @@ def get_val_loader(args, val_json, data, rank, world, device):
                                   normalization=data["normalization"])
     shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
     return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
-                                       collate_fn=collate_full_masks, pin_memory=device.type == "cuda")
+                                       collate_fn=collate_full_masks, pin_memory=device.type == "cuda",
+                                       worker_init_fn=ignore_stop_signals)
 
 
 def criterion(args, train_coco, class_names, device, log):
@@ -201,7 +173,8 @@ def criterion(args, train_coco, class_names, device, log):
 def build_network(args, num_classes, checkpoint, device, world, log):
     """(the network, what runs it: under DDP and compiled when asked)."""
     model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
-                        output_stride=args.output_stride, separable=args.separable, decoder_convs=args.decoder_convs)
+                        output_stride=args.output_stride, separable=args.separable, decoder_convs=args.decoder_convs,
+                        tf_padding=args.tf_padding)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -224,18 +197,9 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def all_finite(loss, world):
-    finite = torch.isfinite(loss.detach())
-    if world > 1:  # every rank must skip together or DDP's all-reduce would hang
-        flag = finite.float()
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag > 0
-    return bool(finite)
-
-
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
-    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps}; bad_steps
-    carries over epochs. Returns images seen per second."""
+    """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps, stop}; bad_steps
+    carries over epochs; a stop signal (on any rank) raises Stopped after the step. Returns images seen per s."""
     model.train()
     batches, world, device = run["steps_per_epoch"] * args.accum_steps, run["world"], run["device"]
     t_epoch = t_print = time.time()
@@ -250,7 +214,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
         with autocast(device, args.amp):
             logits = model(images)
         loss = loss_fn(logits, masks)
-        if not all_finite(loss, world):
+        finite, stop_signum = agree_on_step(loss, run["stop"].signum, world)
+        if not finite:
             # only this micro-batch is dropped: gradients of the window's earlier micro-batches stay and are
             # stepped at the window's end, so one bad batch does not cost --accum-steps good ones
             run["bad_steps"] += 1
@@ -281,6 +246,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
                       f"{record['lr']:.2e} {rate:.1f} img/s ETA {datetime.timedelta(seconds=int(remaining / rate))}")
             log.log(record)
             t_print, seen_print, loss_sum, loss_count = now, 0, 0.0, 0
+        if stop_signum:
+            raise Stopped(stop_signum, epoch, (i + 1) // args.accum_steps, run["steps_per_epoch"])
     return seen / max(time.time() - t_epoch, 1e-9)
 
 
@@ -297,27 +264,59 @@ def validate(model, val_loader, class_names, epoch, args, world, device, log):
 
 # ----------------------------------------------------------------------------- main
 
-def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
-    """Optimizer, LR schedule, grad scaler, first epoch and best mIoU: fresh, or as the checkpoint left them."""
-    optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
-                                args.encoder_lr_mult)
-    warmup = int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
-    if not checkpoint:
-        return optimizer, scheduler, scaler, 0, -1.0
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
-    log.print(f"resumed at epoch {checkpoint['epoch'] + 1} (best mIoU {checkpoint['best_miou']:.4f})")
-    return optimizer, scheduler, scaler, checkpoint["epoch"] + 1, checkpoint["best_miou"]
+def epoch_loader(train_set, sampler, epoch, args, device):
+    if sampler:
+        sampler.set_epoch(epoch)
+    # a generator per epoch fixes shuffling and worker seeds, so a resumed epoch sees the same batches
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+
+
+def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir):
+    """best.pt before last.pt, each atomic; run["saved"] follows the last complete one, for the stop message."""
+    if improved or not run["validating"]:  # without validation the last weights are the best we know
+        save_checkpoint(saved, output_dir / "best.pt")
+        run["saved"] = (output_dir / "best.pt", epoch)
+    save_checkpoint(saved, output_dir / "last.pt")
+    run["saved"] = (output_dir / "last.pt", epoch)
+    if improved:
+        write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
+
+
+def one_epoch(epoch, parts, run, args, log):
+    """Train one epoch, validate when due, checkpoint. parts: the run's objects (fit builds them)."""
+    rank, world, device, output_dir = run["rank"], run["world"], run["device"], parts["output_dir"]
+    loader = epoch_loader(parts["train_set"], parts["sampler"], epoch, args, device)
+    t = time.time()
+    try:
+        rate = train_one_epoch(parts["forward_model"], parts["loss_fn"], parts["optimizer"], parts["scheduler"],
+                               parts["scaler"], loader, epoch, run, args, log)
+    except NonFiniteLoss:
+        saved = parts["state"](epoch - 1)  # every rank gets here together (the finite flag was reduced)
+        if rank == 0:
+            save_checkpoint(saved, output_dir / "nan_stop.pt")
+        raise ValueError(f"{run['bad_steps']} non-finite losses in a row at epoch {epoch}: lower --lr, check the "
+                         f"data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}") from None
+    log.log({"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate})
+    metrics, confusion, improved = None, None, False
+    if parts["val_loader"] and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
+        metrics, confusion = validate(parts["forward_model"], parts["val_loader"], parts["data"]["class_names"],
+                                      epoch, args, world, device, log)
+        improved, run["best_miou"] = metrics["mIoU"] > run["best_miou"], max(run["best_miou"], metrics["mIoU"])
+    saved = parts["state"](epoch, metrics)  # on every rank: it gathers each rank's RNG state
+    if rank == 0:
+        save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir)
+    stop_signum = agree_on_step(torch.zeros(()), run["stop"].signum, world)[1]
+    if stop_signum and epoch + 1 < run["last_epoch"]:  # it came during validation or saving: this epoch is whole
+        raise Stopped(stop_signum, epoch)
 
 
 def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log):
-    """The training run: epochs, validation and checkpoints."""
+    """The training run: epochs, validation and checkpoints. A stop signal or a failed write ends it with one
+    line naming the last complete checkpoint."""
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed) \
         if world > 1 else None
     steps_per_epoch = len(train_set) // (args.batch_size * world) // args.accum_steps
@@ -330,41 +329,33 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
     log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
-    run = {"steps_per_epoch": steps_per_epoch, "world": world, "device": device, "bad_steps": 0}
-    state = lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou,
-                                                         args, data, world, metrics)
-    for epoch in range(start_epoch, last_epoch):
-        if sampler:
-            sampler.set_epoch(epoch)
-        # a generator per epoch fixes shuffling and worker seeds, so a resumed epoch sees the same batches
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-            num_workers=args.workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        run["epochs_left"], t = last_epoch - epoch - 1, time.time()
+    size_line, size_warning = checkpoint_size_check(model, args.optimizer, output_dir)
+    log.print(size_line)
+    if size_warning and rank == 0:
+        print(f"warning: {size_warning}", file=sys.stderr, flush=True)
+    resumed = Path(args.resume) if args.resume not in (None, "auto") else output_dir / "last.pt"
+    run = {"steps_per_epoch": steps_per_epoch, "rank": rank, "world": world, "device": device, "bad_steps": 0,
+           "best_miou": best_miou, "last_epoch": last_epoch, "validating": val_loader is not None,
+           "saved": (resumed, start_epoch - 1) if checkpoint else None}
+    parts = {"forward_model": forward_model, "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler,
+             "scaler": scaler, "train_set": train_set, "sampler": sampler, "val_loader": val_loader, "data": data,
+             "output_dir": output_dir,
+             "state": lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch,
+                                                                   run["best_miou"], args, data, world, metrics)}
+    epoch = start_epoch
+    with StopSignals(rank) as run["stop"]:
         try:
-            rate = train_one_epoch(forward_model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log)
-        except NonFiniteLoss:
-            saved = state(epoch - 1)  # every rank gets here together (the finite flag was reduced)
-            if rank == 0:
-                save_checkpoint(saved, output_dir / "nan_stop.pt")
-            raise ValueError(f"{run['bad_steps']} non-finite losses in a row at epoch {epoch}: lower --lr, check "
-                             f"the data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}") from None
-        log.log({"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate})
-        metrics, improved = None, False
-        if val_loader and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-            metrics, confusion = validate(forward_model, val_loader, data["class_names"], epoch, args, world,
-                                          device, log)
-            improved, best_miou = metrics["mIoU"] > best_miou, max(best_miou, metrics["mIoU"])
-        saved = state(epoch, metrics)  # on every rank: it gathers each rank's RNG state
-        if rank == 0:
-            save_checkpoint(saved, output_dir / "last.pt")
-            if improved or val_loader is None:  # without validation the last weights are the best we know
-                save_checkpoint(saved, output_dir / "best.pt")
-        if rank == 0 and improved:
-            write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
-    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, "
-              f"{f'best mIoU {best_miou:.4f}' if best_miou >= 0 else 'no validation'}, checkpoints in {output_dir}")
+            for epoch in range(start_epoch, last_epoch):
+                run["epochs_left"] = last_epoch - epoch - 1
+                one_epoch(epoch, parts, run, args, log)
+        except WriteError as e:
+            raise WriteError(f"{e}. {resume_note(run['saved'], full_disk=True)}") from None
+        except Stopped as e:
+            e.epoch = epoch if e.epoch is None else e.epoch
+            log.print(f"stopped by {e} at {e.where()}. {resume_note(run['saved'])}")
+            sys.exit(e.exit_code)
+    best = f"best mIoU {run['best_miou']:.4f}" if run["best_miou"] >= 0 else "no validation"
+    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
 
 
 def run(args, given, rank, world, device):
@@ -406,6 +397,10 @@ def main(argv=None):
         if rank == 0:
             print(f"error: {e}", flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training began (during training, fit's StopSignals handles it)
+        if rank == 0:
+            print("stopped by SIGINT before training began: nothing was trained", flush=True)
+        sys.exit(130)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
