@@ -16,7 +16,8 @@ from pycocotools import mask as mask_utils
 from coco import (COMPETITION_CLASSES, DataError, default_cache_dir, load_coco, load_mask, open_mask_cache,
                   pixel_counts, read_image)
 from losses import WEIGHT_METHODS, class_weights
-from outputs import WriteError, overlay, write_json, writing
+from outputs import WriteError, write_json, writing
+from pictures import overlay
 
 DEMO_SIZES = [(320, 320), (320, 240), (240, 320), (300, 225)]
 # each demo class is painted in its own tint and stripe frequency, so that a small network can learn it

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from coco import IGNORE_INDEX, palette, read_image
 from metrics import confusion_matrix, metrics_table, per_image_iou, segmentation_metrics
+from pictures import confusion_picture, overlay
 
-OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "per_image.csv", "pseudo.json")
+OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "confusion.png", "per_image.csv", "pseudo.json")
 OUTPUT_DIRS = ("masks", "probs", "vis")
 
 
@@ -119,6 +120,20 @@ class Logger:
             with writing(self.file), open(self.file, "a") as f:
                 f.write(to_json(record) + "\n")
 
+    def records(self):
+        return read_log(self.file)
+
+
+def read_log(path):
+    """The records of a log.jsonl (a line cut short by a crash is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
 
 def read_predictions(path):
     """The manifest of a predict.py / ensemble.py output folder."""
@@ -185,31 +200,15 @@ def write_per_image(path, rows, class_names):
             writer.writerow([file_name, f"{miou:.4f}"] + ["" if np.isnan(v) else f"{v:.4f}" for v in ious])
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- pictures written
 
-def overlay(image, mask, class_names, alpha=0.5, title=None, legend=True):
-    """PIL image: the photo blended with the palette-coloured mask, and a legend of the classes present."""
-    colors = np.array(palette(class_names), np.uint8)
-    image = np.asarray(image, np.uint8)
-    safe = np.where(mask < len(class_names), mask, 0)
-    blend = (image * (1 - alpha) + colors[safe] * alpha).astype(np.uint8)
-    blend[mask == 0] = image[mask == 0]  # keep Background as the photo itself
-    present = [int(c) for c in np.unique(mask) if c < len(class_names)] if legend else []
-    row = 14
-    legend_h = row * (len(present) + (1 if title else 0)) + 4
-    canvas = Image.new("RGB", (blend.shape[1], blend.shape[0] + legend_h), (255, 255, 255))
-    canvas.paste(Image.fromarray(blend), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    y = blend.shape[0] + 2
-    if title:
-        draw.text((4, y), title, fill=(0, 0, 0))
-        y += row
-    for c in present:
-        draw.rectangle([4, y + 1, 14, y + 11], fill=tuple(int(v) for v in colors[c]), outline=(0, 0, 0))
-        draw.text((20, y), f"{c} {class_names[c]}", fill=(0, 0, 0))
-        y += row
-    return canvas
-
+def save_picture(image, path):
+    """A PIL image as PNG, atomically (curves.png is redrawn while a viewer may have it open)."""
+    path = Path(path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+    with writing(path, tmp):
+        image.save(tmp)
+        os.replace(tmp, path)
 
 def write_vis(out_dir, items, data_dir, class_names, n):
     """Overlays of the first n items: image | prediction | ground truth (when known), with legends."""
@@ -254,6 +253,7 @@ def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labele
     if labeled:
         metrics = segmentation_metrics(confusion, class_names)
         write_json(out_dir / "metrics.json", dict(metrics, confusion=confusion.tolist(), **(extra or {})))
+        save_picture(confusion_picture(confusion, class_names), out_dir / "confusion.png")
         write_per_image(out_dir / "per_image.csv", per_image, class_names)
         print(metrics_table(metrics))
         vis_items.sort(key=lambda item: item[3])  # worst images first: that is where to look

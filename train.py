@@ -32,7 +32,8 @@ from metrics import metrics_table, segmentation_metrics
 from backbones import input_normalization
 from model import ARCHS, BACKBONES, ModelError, build_model
 from optim import training_state
-from outputs import Logger, WriteError, to_json, write_json
+from outputs import Logger, WriteError, save_picture, to_json, write_json
+from pictures import confusion_picture, curves_picture
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
@@ -274,15 +275,20 @@ def epoch_loader(train_set, sampler, epoch, args, device):
         generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
 
 
-def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir):
-    """best.pt before last.pt, each atomic; run["saved"] follows the last complete one, for the stop message."""
+def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log):
+    """best.pt before last.pt, each atomic; run["saved"] follows the last complete one, for the stop message. Then
+    the pictures: curves.png redrawn from the log, confusion.png beside best_metrics.json."""
     if improved or not run["validating"]:  # without validation the last weights are the best we know
         save_checkpoint(saved, output_dir / "best.pt")
         run["saved"] = (output_dir / "best.pt", epoch)
     save_checkpoint(saved, output_dir / "last.pt")
     run["saved"] = (output_dir / "last.pt", epoch)
+    class_names = saved["class_names"]
     if improved:
         write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
+        save_picture(confusion_picture(confusion, class_names, f"epoch {epoch} (best): rows ground truth, % of "
+                                                               f"the row"), output_dir / "confusion.png")
+    save_picture(curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png")
 
 
 def one_epoch(epoch, parts, run, args, log):
@@ -307,7 +313,7 @@ def one_epoch(epoch, parts, run, args, log):
         improved, run["best_miou"] = metrics["mIoU"] > run["best_miou"], max(run["best_miou"], metrics["mIoU"])
     saved = parts["state"](epoch, metrics)  # on every rank: it gathers each rank's RNG state
     if rank == 0:
-        save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir)
+        save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log)
     stop_signum = agree_on_step(torch.zeros(()), run["stop"].signum, world)[1]
     if stop_signum and epoch + 1 < run["last_epoch"]:  # it came during validation or saving: this epoch is whole
         raise Stopped(stop_signum, epoch)

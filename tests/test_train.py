@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import predict
 import train
@@ -304,6 +305,9 @@ def test_validation_and_predict_eval_give_the_same_miou(demo_dir, tmp_path):
     assert predicted["aAcc"] == pytest.approx(test_only["aAcc"], abs=1e-9)
     best = json.loads((out / "best_metrics.json").read_text())  # and so does the training run's own validation
     assert best["mIoU"] == pytest.approx(test_only["mIoU"], abs=1e-6)
+    # pictures beside what they show: the run's curves and best confusion matrix, predict's confusion matrix
+    for picture in (out / "curves.png", out / "confusion.png", tmp_path / "pred" / "confusion.png"):
+        assert Image.open(picture).size[0] > 300, picture
 
 
 @pytest.mark.slow

@@ -1,0 +1,87 @@
+"""Pictures from what runs write: curves, confusion matrices, run comparisons (pillow only)."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plots
+from coco import palette
+from pictures import confusion_picture, curves_picture, last_of_each, line_chart
+
+NAMES = ["Background", "Paper", "Metal", "Glass"]
+
+
+def fake_log(epochs=3, classes=NAMES):
+    """log.jsonl records as train.py writes them: steps, then a validation per epoch."""
+    records = []
+    for epoch in range(epochs):
+        for step in (1, 2):
+            records.append({"epoch": epoch, "step": step, "steps": 2, "loss": 2.0 / (1 + epoch + step / 2),
+                            "lr": 1e-3 * 0.5 ** epoch})
+        per_class = {n: {"IoU": 0.2 * (epoch + 1) if n != "Glass" else None} for n in classes}
+        records.append({"epoch": epoch, "val": {"mIoU": 0.1 * (epoch + 1), "mAcc": 0.5, "aAcc": 0.9,
+                                                "per_class": per_class}})
+    return records
+
+
+def colors_in(image):
+    return {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+
+
+def test_curves_draw_every_present_class_in_its_palette_colour():
+    image = curves_picture(fake_log(), NAMES, "run")
+    colors = colors_in(image)
+    paper, metal = palette(NAMES)[1], palette(NAMES)[2]
+    assert paper in colors and metal in colors  # their IoU lines
+    assert (31, 119, 180) in colors and (214, 39, 40) in colors  # the loss and lr lines
+    # Glass has no IoU in any epoch: not in the legend, so its colour appears nowhere
+    assert palette(NAMES)[3] not in colors
+    assert image.width == 720 and image.height == 300 + 300 + 360
+
+
+def test_a_resumed_epoch_logged_twice_counts_once():
+    records = [{"epoch": 0, "step": 1, "loss": 9.0}, {"epoch": 0, "step": 1, "loss": 1.0}, {"epoch": 1}]
+    kept = last_of_each(records, lambda r: (r["epoch"], r["step"]) if "step" in r else None)
+    assert kept == [{"epoch": 0, "step": 1, "loss": 1.0}]
+
+
+def test_an_empty_log_draws_a_note_instead_of_failing():
+    assert line_chart([("x", (0, 0, 0), [], [])], "empty", "x", "y").size == (720, 300)
+
+
+def test_confusion_cells_are_shaded_by_the_row_share_and_absent_rows_stay_empty():
+    names = [f"class {i}" for i in range(12)]
+    confusion = np.zeros((12, 12), np.int64)
+    confusion[0, 0], confusion[1, 1], confusion[1, 2] = 50, 30, 10  # class 1: 75% right, 25% as class 2
+    image = np.asarray(confusion_picture(confusion, names, title="t"))
+    white = (255, 255, 255)
+    # find the grid: the 100% cell of class 0 is the darkest blue
+    dark = np.argwhere((image == (8, 69, 148)).all(-1))
+    top, left = dark.min(0)
+    cell = 44
+    pixel = lambda row, col: tuple(image[top + row * cell + 3, left + col * cell + 3])
+    assert pixel(0, 0) == (8, 69, 148)
+    assert pixel(1, 1) == tuple(int(255 - 0.75 * (255 - c)) for c in (8, 69, 148))
+    assert pixel(1, 2) == tuple(int(255 - 0.25 * (255 - c)) for c in (8, 69, 148))
+    assert pixel(1, 0) == white and pixel(5, 5) == white  # nothing there; class 5 absent from ground truth
+
+
+def write_run(folder, mious):
+    folder.mkdir()
+    records = [{"epoch": e, "val": {"mIoU": m, "mAcc": m, "aAcc": m, "per_class": {"Paper": {"IoU": m}}}}
+               for e, m in enumerate(mious)]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"epoch": 9, "cut')
+    return folder
+
+
+def test_plots_compares_runs_and_names_unknown_metrics(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a", [0.1, 0.3]), write_run(tmp_path / "b", [0.2, 0.25])
+    plots.main([str(a), str(b), "--metric", "Paper", "-o", str(tmp_path / "compare.png")])
+    colors = colors_in(Image.open(tmp_path / "compare.png"))
+    assert (31, 119, 180) in colors and (255, 127, 14) in colors  # one line per run
+    assert plots.validation_series(plots.run_records(a), "mIoU") == ([1, 2], [10.0, 30.0])
+    with pytest.raises(SystemExit, match="no metric 'Pape' in the log: mIoU, mAcc, aAcc or a class name .Paper."):
+        plots.main([str(a), "--metric", "Pape"])
+    with pytest.raises(SystemExit, match="no log.jsonl"):
+        plots.main([str(tmp_path)])
