@@ -3,14 +3,15 @@ dependency, pillow only.
 
     python plots.py runs/a runs/b --metric mIoU -o compare.png     # validation curves of several runs on one chart
     python plots.py runs/a --metric Paper -o paper.png              # one class's IoU
-    python plots.py runs/a                                          # curves.png of one run, redrawn
+    python plots.py runs/a                                          # curves.png and confusion.png of one run
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from outputs import OutputError, read_log, save_picture
-from pictures import DISTINCT_RUN_COLORS, curves_picture, line_chart, nan_none
+from pictures import DISTINCT_RUN_COLORS, confusion_picture, curves_picture, line_chart, nan_none
 
 
 def validation_series(records, metric):
@@ -37,6 +38,21 @@ def run_records(run):
     return read_log(log)
 
 
+def redraw_run(run):
+    """curves.png from log.jsonl, and confusion.png from best_metrics.json where there is one; returns what was
+    written."""
+    records = run_records(run)
+    names = next((list(r["val"]["per_class"]) for r in records if "val" in r), [])
+    save_picture(curves_picture(records, names, run.name), run / "curves.png")
+    written = [run / "curves.png"]
+    if (run / "best_metrics.json").is_file():
+        best = json.loads((run / "best_metrics.json").read_text())
+        save_picture(confusion_picture(best["confusion"], list(best["per_class"]), f"epoch {best['epoch']} (best): "
+                                       f"rows ground truth, % of the row"), run / "confusion.png")
+        written.append(run / "confusion.png")
+    return " and ".join(map(str, written))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="train.py output dirs")
@@ -46,10 +62,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if len(args.runs) == 1 and not args.output and "--metric" not in (argv or sys.argv[1:]):
-            records = run_records(args.runs[0])
-            names = next((list(r["val"]["per_class"]) for r in records if "val" in r), [])
-            out = Path(args.runs[0]) / "curves.png"
-            save_picture(curves_picture(records, names, Path(args.runs[0]).name), out)
+            out = redraw_run(Path(args.runs[0]))
         else:
             series = []
             for i, run in enumerate(args.runs):

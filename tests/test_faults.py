@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import checkpoint
-import coco
 import faults
 import outputs
 import train

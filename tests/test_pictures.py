@@ -85,3 +85,12 @@ def test_plots_compares_runs_and_names_unknown_metrics(tmp_path, capsys):
         plots.main([str(a), "--metric", "Pape"])
     with pytest.raises(SystemExit, match="no log.jsonl"):
         plots.main([str(tmp_path)])
+
+
+def test_plots_redraws_one_runs_pictures_from_its_files(tmp_path):
+    run = write_run(tmp_path / "run", [0.1, 0.3])
+    best = {"epoch": 1, "mIoU": 0.3, "per_class": {n: {"IoU": 0.3} for n in NAMES}, "confusion": np.eye(4).tolist()}
+    (run / "best_metrics.json").write_text(json.dumps(best))
+    plots.main([str(run)])
+    assert Image.open(run / "curves.png").size == (720, 960)
+    assert (8, 69, 148) in colors_in(Image.open(run / "confusion.png"))  # the 100% diagonal
