@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.efficientnet import EfficientNet, MBConvConfig
 
+from dataset import IMAGENET_NORMALIZATION, LITE_NORMALIZATION
+
 # backbone name -> (block paths in order, can dilate, outputs NHWC); an int n means features.0 .. features.n-1
 _RESNET = (["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"], True, False)
 _REGNET = (["stem"] + [f"trunk_output.block{i}" for i in range(1, 5)], True, False)
@@ -51,10 +53,6 @@ PACKAGED_WEIGHTS = {
                      "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
 }
 LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1), "efficientnet_lite2": (1.1, 1.2)}
-# mean and std on the 0-1 scale: torchvision's weights were trained on ImageNet statistics, the Lite weights on
-# (x * 255 - 127) / 128
-IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-LITE_NORMALIZATION = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
 
 
 class ModelError(ValueError):
@@ -104,7 +102,9 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x):
         pads = []
         for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            # (ceil(size / s) - 1) * s + extent - size, written without ceil or max so that torch.export keeps
+            # height and width symbolic; never negative here, as every kernel's extent is at least its stride
+            total = (-size) % s + (k - 1) * d + 1 - s
             pads.append((total // 2, total - total // 2))
         (top, bottom), (left, right) = pads
         x = F.pad(x, (left, right, top, bottom))

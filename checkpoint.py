@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from backbones import HEAD_PREFIXES, IMAGENET_NORMALIZATION, ModelError
+from backbones import HEAD_PREFIXES, ModelError
+from dataset import IMAGENET_NORMALIZATION
 from model import build_model
 from outputs import writing
 

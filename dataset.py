@@ -11,7 +11,6 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from backbones import IMAGENET_NORMALIZATION
 from coco import DataError, annotation_bitmap, load_mask, open_mask_cache, pixel_counts, read_image
 
 AUG_PRESETS = ("none", "basic", "strong")
@@ -52,6 +51,12 @@ def build_transform(preset, img_size, orientation="upright"):
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
                 v2.RandomApply([v2.JPEG((40, 95))], p=0.3)]
     return v2.Compose(ops)
+
+
+# mean and std on the 0-1 scale: torchvision's weights were trained on ImageNet statistics, the Lite weights on
+# (x * 255 - 127) / 128; backbones.input_normalization says which a backbone takes
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+LITE_NORMALIZATION = {"mean": [127 / 255] * 3, "std": [128 / 255] * 3}
 
 
 def normalize(image_uint8, normalization=IMAGENET_NORMALIZATION):

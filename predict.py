@@ -4,6 +4,7 @@ ensembling, overlays, metrics, pseudo labels.
     python predict.py --tta                                   # newest runs/*/best.pt on data/test.json
     python predict.py --ckpt runs/x/best.pt --json val.json --eval --vis 8 --tta --scales 0.75 1 1.25
     python predict.py --ckpt runs/x/best.pt --json test.json --pseudo --output-dir preds/pseudo   # for train.py --pseudo
+    python predict.py --ckpt model.pt2 --json test.json --tta     # an export.py program, without the model code
 
 Output dir (default preds/<run name>): submission.csv, masks/ (palette PNGs, pixel value = class id, original
 size), probs/ (float16 class probabilities, .npy, at each image's own size unless --prob-size caps the longer
@@ -18,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import model_from_checkpoint, read_checkpoint, trained_with
-from coco import DataError, default_cache_dir, load_coco
+from coco import default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
+from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from model import ModelError
 from outputs import OutputError, mask_name, prepare_output_dir, write_json, write_results, writing
 
 
@@ -43,9 +43,26 @@ def find_checkpoint():
     raise OutputError(f"{len(found)} runs have a best.pt ({', '.join(map(str, found[:5]))}); choose one with --ckpt")
 
 
+def load_network(path, device, channels_last):
+    """(network, info) from a train.py checkpoint or an export.py program (.pt2: no model code is imported);
+    info: class_names, normalization, orientation, img_size, arch, backbone."""
+    if Path(path).suffix == ".pt2":
+        program, info = load_exported(path)
+        return program.to(device), info  # traced in eval mode: batch norm and dropout are fixed in the graph
+    from checkpoint import model_from_checkpoint, read_checkpoint, trained_with  # builds the network from code
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    normalization, orientation = trained_with(ckpt)
+    return model, {"class_names": ckpt["class_names"], "normalization": normalization, "orientation": orientation,
+                   "img_size": ckpt["args"]["img_size"], "arch": ckpt["args"]["arch"],
+                   "backbone": ckpt["args"]["backbone"]}
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="default: the only runs/*/best.pt")
+    p.add_argument("--ckpt", help="a train.py checkpoint or an export.py .pt2 (default: the only runs/*/best.pt)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--json", default="test.json")
     p.add_argument("--output-dir", help="default preds/<run name>")
@@ -112,14 +129,10 @@ def write_pseudo(out_dir, class_names, manifest):
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
-    ckpt = read_checkpoint(ckpt_path)
-    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    class_names = ckpt["class_names"]
-    normalization, orientation = trained_with(ckpt)
+    model, info = load_network(ckpt_path, device, args.channels_last)
+    class_names, normalization, orientation = info["class_names"], info["normalization"], info["orientation"]
     flips = tta_flips(args.tta, orientation)
-    img_size = args.img_size or ckpt["args"]["img_size"]
+    img_size = args.img_size or info["img_size"]
     coco = load_coco(args.data_dir, args.json, class_names=class_names)
     if args.eval and not coco.labeled:
         raise OutputError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
@@ -128,8 +141,8 @@ def run(args):
                                   with_masks=args.eval, normalization=normalization)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate_full_masks)
-    print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({ckpt['args']['arch']}/"
-          f"{ckpt['args']['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
+    print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({info['arch']}/"
+          f"{info['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
           f"scales {args.scales}) -> {out_dir}")
     t0 = time.perf_counter()
     manifest, results, model_seconds = predict_set(model, loader, out_dir, img_size, flips, args, device)
@@ -152,8 +165,8 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (OutputError, DataError, ModelError) as e:  # a WriteError is an OutputError
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # OutputError (and WriteError), DataError and the checkpoint's ModelError: they name
+        sys.exit(f"error: {e}")  # the file and the problem
     except OSError as e:  # a folder that cannot be made: the message names it
         sys.exit(f"error: {e}")
 

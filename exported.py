@@ -1,0 +1,46 @@
+"""The exported-model format: a torch.export program (.pt2) of the network, with dynamic height and width, and what
+predicting needs in its metadata (class list, input normalisation, orientation, training size). export.py writes
+it; predict.py reads it without model.py: the program carries its own graph and weights.
+
+    program, info = load_exported("model.pt2")
+    logits = program(images)         # (N, 3, H, W) normalised as info["normalization"] says -> (N, C, H, W)
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from outputs import OutputError, writing
+
+METADATA_FILE = "trashseg.json"
+METADATA_KEYS = ("class_names", "normalization", "orientation", "img_size", "arch", "backbone", "checkpoint")
+
+
+def save_exported(program, info, path):
+    """Atomically: the program with `info` (METADATA_KEYS) stored beside it in the archive."""
+    path = Path(path)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
+    with writing(path, tmp):
+        torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(info)})
+        os.replace(tmp, path)
+
+
+def load_exported(path):
+    """(callable module, info) of an export.py file; an OutputError names a file that is not one."""
+    extra = {METADATA_FILE: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except FileNotFoundError:
+        raise OutputError(f"{path}: exported model not found") from None
+    except Exception as e:
+        raise OutputError(f"{path}: not a torch.export program ({e.__class__.__name__}: {e})") from None
+    try:
+        info = json.loads(extra[METADATA_FILE])
+        missing = [key for key in METADATA_KEYS if key not in info]
+    except json.JSONDecodeError:
+        missing = list(METADATA_KEYS)
+    if missing:
+        raise OutputError(f"{path}: a torch.export program without export.py's metadata (lacks "
+                          f"{', '.join(missing)}); export it with export.py")
+    return program.module(), info
