@@ -18,6 +18,7 @@ import threading
 import statistics
 import tempfile
 import time
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from coco import load_coco
 from data import make_demo
 from dataset import SegmentationDataset
+from exported import export_program
 from inference import predict_probs, tta_flips
 from model import build_model
 from optim import build_optimizer
@@ -119,7 +121,7 @@ def train_stepper(net, device, variant, img_size, batch_size, num_classes):
 
 
 def infer_stepper(net, device, dtype, channels_last, img_size, batch_size, tta, scales):
-    net = net.to(device).eval()
+    net = net.to(device)  # eval mode already (an exported program was traced in it and refuses .eval())
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -283,10 +285,14 @@ def bench_infer(args, device):
         for backbone in args.backbones:
             steppers = {}
             for impl in impls:
-                net = make_net(impl, arch, backbone, args.num_classes)
-                for mode, (tta, scales) in modes.items():
-                    steppers[(impl, mode)] = infer_stepper(net, device, dtype, cl, args.img_size, args.batch_size,
-                                                           tta, scales)
+                net = make_net(impl, arch, backbone, args.num_classes).eval()
+                if impl == "ours" and args.exported:  # the same weights as a torch.export program (export.py)
+                    impls_nets = [(impl, net), ("ours exported", export_program(net, args.img_size).module())]
+                else:
+                    impls_nets = [(impl, net)]
+                for (impl_name, impl_net), (mode, (tta, scales)) in product(impls_nets, modes.items()):
+                    steppers[(impl_name, mode)] = infer_stepper(impl_net, device, dtype, cl, args.img_size,
+                                                                args.batch_size, tta, scales)
             rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
             for (impl, mode), rate in rates.items():
                 cost = rates[(impl, "plain")] / rate
@@ -326,6 +332,7 @@ def main():
     p.add_argument("--num-classes", type=int, default=11)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
     p.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch, interleaved")
+    p.add_argument("--exported", action="store_true", help="infer: also time ours as a torch.export program")
     p.add_argument("--compile", nargs="*", default=[], metavar="VARIANT",
                    help="also time ours under torch.compile in these variants, e.g. fp32+cl bf16+cl")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,

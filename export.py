@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.export import Dim
 
 from checkpoint import model_from_checkpoint, read_checkpoint, trained_with
-from exported import METADATA_FILE, save_exported
+from exported import METADATA_FILE, export_program, save_exported
 from model import ModelError
 from outputs import OutputError, writing
 
@@ -37,12 +36,6 @@ def check_sizes(img_size):
     return [(img_size, img_size), ((img_size + 11) | 1, (img_size + 37) | 1)]
 
 
-def dynamic_shapes(args):
-    """Batch, height and width left free (within --min-size/--max-size): one program serves every photo size."""
-    return {"x": {0: Dim("batch", min=1, max=1024), 2: Dim("height", min=args.min_size, max=args.max_size),
-                  3: Dim("width", min=args.min_size, max=args.max_size)}}
-
-
 def max_difference(exported, model, sizes):
     worst = 0.0
     with torch.no_grad():
@@ -53,8 +46,7 @@ def max_difference(exported, model, sizes):
 
 
 def export_pt2(model, info, args):
-    example = torch.randn(2, 3, info["img_size"], info["img_size"])
-    program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(args))
+    program = export_program(model, info["img_size"], args.min_size, args.max_size)
     difference = max_difference(program.module(), model, check_sizes(info["img_size"]))
     if difference > TOLERANCE:
         raise OutputError(f"the exported program's logits differ from the checkpoint's by {difference:.2e}")
@@ -68,8 +60,8 @@ def export_onnx(model, info, args):
         import onnxruntime  # noqa: F401  (the check below runs the file)
     except ImportError:
         raise OutputError("--format onnx needs the onnx packages: pip install onnx onnxscript onnxruntime") from None
-    example = torch.randn(2, 3, info["img_size"], info["img_size"])
-    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=dynamic_shapes(args),
+    program = export_program(model, info["img_size"], args.min_size, args.max_size)
+    program = torch.onnx.export(program, dynamo=True,
                                 input_names=["images"], output_names=["logits"])
     proto = program.model_proto
     proto.metadata_props.add(key=METADATA_FILE, value=json.dumps(info))

@@ -10,11 +10,21 @@ import os
 from pathlib import Path
 
 import torch
+from torch.export import Dim
 
 from outputs import OutputError, writing
 
 METADATA_FILE = "trashseg.json"
 METADATA_KEYS = ("class_names", "normalization", "orientation", "img_size", "arch", "backbone", "checkpoint")
+
+
+def export_program(model, img_size, min_size=64, max_size=4096):
+    """torch.export of an eval-mode network with batch, height and width left free (height and width within
+    min_size..max_size): one program serves every photo size."""
+    example = torch.randn(2, 3, img_size, img_size)
+    shapes = {"x": {0: Dim("batch", min=1, max=1024), 2: Dim("height", min=min_size, max=max_size),
+                    3: Dim("width", min=min_size, max=max_size)}}
+    return torch.export.export(model, (example,), dynamic_shapes=shapes)
 
 
 def save_exported(program, info, path):

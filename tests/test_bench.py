@@ -43,3 +43,10 @@ def test_bench_peer_rows_include_the_usual_setting(tmp_path):
     peer = {r["variant"] for r in result["train"] if r["impl"] == "smp"}
     assert peer == VARIANTS | {"usual: fp32, plain AdamW"}
     assert "ratio ours (train.py defaults" in stdout
+
+
+def test_bench_times_the_exported_program_beside_eager(tmp_path):
+    result, _ = run_bench(tmp_path, "--sections", "infer", "--exported", "--img-size", "96")  # scale 0.75: 72 px
+    impls = {(r["impl"], r["tta"]) for r in result["infer"]}
+    assert ("ours exported", "plain") in impls and ("ours", "plain") in impls
+    assert all(r["infer_images_per_s"] > 0 for r in result["infer"])
