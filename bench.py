@@ -333,6 +333,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
     p.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch, interleaved")
     p.add_argument("--exported", action="store_true", help="infer: also time ours as a torch.export program")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--compile", nargs="*", default=[], metavar="VARIANT",
                    help="also time ours under torch.compile in these variants, e.g. fp32+cl bf16+cl")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -348,7 +349,7 @@ def main():
     if args.data_dir is None and "loader" in args.sections:
         args.data_dir = str(make_demo(tempfile.mkdtemp(prefix="bench_demo_")))
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     machine = describe_machine(device)
     print(f"machine: {machine}; data {args.data_dir}, {args.img_size}px, batch {args.batch_size}, "
           f"{args.workers} workers; loader: median of {args.repeats} x {args.batches} batches, networks: median of "

@@ -139,7 +139,7 @@ def test_a_full_disk_mid_run_says_what_is_safe_and_resume_ends_as_an_uninterrupt
     assert f"The last complete checkpoint is {out / 'last.pt'} (epoch 0)" in said
     assert leftovers(out) == []
     monkeypatch.setattr(torch, "save", real_save)
-    train.main(["--resume", str(out / "last.pt")])
+    train.main(["--resume", str(out / "last.pt"), "--device", "cpu"])
     a, b = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "straight", out))
     assert a["epoch"] == b["epoch"] == 1
     for key in a["model"]:

@@ -27,7 +27,7 @@ def tiny_args(demo_dir, out, *extra):
     return ["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "train_all.json",
             "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
             "--workers", "0", "--lr", "3e-3", "--warmup-epochs", "0", "--output-dir", str(out),
-            "--mask-cache", str(out.parent / "cache"), "--print-freq", "100", *extra]
+            "--mask-cache", str(out.parent / "cache"), "--print-freq", "100", "--device", "cpu", *extra]
 
 
 def load(path):
@@ -131,7 +131,7 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
     train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--stop-after", "2"))
     assert load(tmp_path / "stopped" / "last.pt")["epoch"] == 1
     # a bare --resume: every other flag comes back from the checkpoint
-    train.main(["--resume", str(tmp_path / "stopped" / "last.pt")])
+    train.main(["--resume", str(tmp_path / "stopped" / "last.pt"), "--device", "cpu"])
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "stopped" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
