@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU check: the tests marked cuda and a quick benchmark, written to one report, in under 8 minutes on one GPU,
+# on a machine with CUDA and a PyTorch but no network.
+#
+#   bash tools/gpu_check.sh prepare [TORCH_VERSION] [PYTHON_VERSION]   # on a networked machine, once (default 2.11, 3.12):
+#                                   # wheels of what a GPU image may lack -> tools/wheels/ (git-ignored, about 10 MB)
+#   bash tools/gpu_check.sh [REPORT_DIR]                                 # on the GPU machine (default gpu_report/)
+#
+# It uses the python3 it finds and that python's torch: torch 2.4 or newer, built with CUDA (requirements.txt's
+# floor). What that python lacks of torchvision (the one matching its torch: 0.(minor + 15)), pycocotools, pytest
+# and segmentation_models_pytorch (the benchmark's peer) is installed from tools/wheels into /tmp/trashseg_site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=tools/wheels
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "prepare" ]; then
+    torch_version=${2:-2.11}; py=${3:-3.12}
+    minor=${torch_version#2.}; minor=${minor%%.*}
+    mkdir -p "$WHEELS"
+    platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    $PY -m pip download --no-deps --only-binary=:all: --python-version "$py" --implementation cp "${platforms[@]}" \
+        -d "$WHEELS" "torchvision==0.$((minor + 15)).*" "pycocotools>=2.0.7" || exit 1
+    $PY -m pip download --no-deps -d "$WHEELS" "segmentation-models-pytorch>=0.4" "pytest>=7" iniconfig pluggy || exit 1
+    du -sh "$WHEELS"; ls "$WHEELS"
+    exit 0
+fi
+
+REPORT_DIR=${1:-gpu_report}
+mkdir -p "$REPORT_DIR"
+REPORT=$REPORT_DIR/gpu_check.md
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+say() { echo "$@" | tee -a "$REPORT"; }
+: > "$REPORT"
+
+say "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
+$PY - <<'PY' 2>&1 | tee -a "$REPORT"
+import sys
+import torch
+ok = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+print(f"- python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
+if not ok or not torch.cuda.is_available():
+    sys.exit(f"this check needs torch >= 2.4 with a CUDA GPU; found torch {torch.__version__}, "
+             f"CUDA available: {torch.cuda.is_available()}")
+PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+
+# what is missing, from the prepared wheels (never from the network)
+missing=()
+for pair in torchvision:torchvision pycocotools:pycocotools pytest:pytest segmentation_models_pytorch:segmentation_models_pytorch; do
+    module=${pair%%:*}; name=${pair##*:}
+    $PY -c "import $module" 2>/dev/null || missing+=("$name")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "- installing from $WHEELS: ${missing[*]}"
+    files=()
+    for name in "${missing[@]}"; do
+        files+=($(ls "$WHEELS"/"${name//_/-}"-*.whl "$WHEELS"/"${name}"-*.whl 2>/dev/null | head -1))
+    done
+    [ "$(printf '%s\n' "${missing[@]}" | grep -c pytest)" -gt 0 ] && files+=($(ls "$WHEELS"/iniconfig-*.whl "$WHEELS"/pluggy-*.whl 2>/dev/null))
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/trashseg_site "${files[@]}" \
+        || { say "cannot install ${missing[*]} from $WHEELS: run 'bash tools/gpu_check.sh prepare' on a networked machine"; exit 1; }
+    export PYTHONPATH=/tmp/trashseg_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+say ""; say "## pytest -m cuda"
+say '```'
+timeout 270 $PY -m pytest -m cuda -q -p no:cacheprovider -rs tests 2>&1 | tail -25 | tee -a "$REPORT"
+tests_rc=${PIPESTATUS[0]}
+say '```'
+
+say ""; say "## bench: 512 px, batch 8 (train: fp16 autocast + channels_last, fp32, fp32 + channels_last; infer: fp16)"
+peer=(); $PY -c "import segmentation_models_pytorch" 2>/dev/null && peer=(--peer smp)
+timeout 150 $PY bench.py --device cuda --sections train infer --archs deeplabv3plus unet --backbones resnet50 \
+    convnext_tiny --img-size 512 -b 8 --steps 5 --repeats 2 "${peer[@]}" --json "$REPORT_DIR/bench.json" 2>&1 \
+    | grep -v "^$" | tee -a "$REPORT"
+say ""; say "## bench: torch.compile against eager (UNet/resnet50, fp16 + channels_last)"
+timeout 120 $PY bench.py --device cuda --sections train --archs unet --backbones resnet50 --img-size 512 -b 8 \
+    --steps 5 --repeats 2 --no-memory --compile "fp16 (cuda)" 2>&1 | grep -v "^$" | tee -a "$REPORT"
+
+say ""; say "took $(( $(date +%s) - start )) s; pytest exit code $tests_rc"
+exit "$tests_rc"
