@@ -155,14 +155,17 @@ def load_in_order(net, path, backbone):
     net.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
 
 
-def classification_net(backbone, pretrained, tf_padding=False):
-    """The whole classification network, with ImageNet weights when pretrained; tf_padding applies to Lite only."""
+def classification_net(backbone, pretrained, tf_padding=False, drop_path=None):
+    """The whole classification network, with ImageNet weights when pretrained; tf_padding applies to Lite only,
+    drop_path (torchvision's stochastic_depth_prob) where given."""
     if backbone in LITE_SCALING:
         net = efficientnet_lite(backbone, tf_padding)
         if pretrained:
             load_in_order(net, packaged_weights_file(backbone), backbone)
         return net
     builder = getattr(torchvision.models, backbone)
+    if drop_path is not None:
+        builder = partial(builder, stochastic_depth_prob=drop_path)
     packaged = packaged_weights_file(backbone, required=False) if pretrained and backbone in PACKAGED_WEIGHTS else None
     if not pretrained or packaged:
         net = builder(weights=None)

@@ -30,7 +30,7 @@ __doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in CHECKPOINT_K
 MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key but normalization
 # the flags that shape the network, each with what checkpoints written before the flag existed were built with
 NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2,
-                 "tf_padding": False}
+                 "tf_padding": False, "head_channels": 512, "stage_norms": False}
 # other flags newer than some checkpoints, with what those checkpoints did: flips and 90-degree turns
 LATER_FLAGS = {"orientation": "any"}
 RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint
@@ -159,11 +159,18 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
     arch, backbone = network.pop("arch"), network.pop("backbone")
     model = build_model(arch, backbone, len(ckpt["class_names"]), pretrained=False, **network)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(aux_state(ckpt["model"], model))
     except RuntimeError as e:
         raise ModelError(f"{path}: weights do not fit {arch}/{backbone} with {len(ckpt['class_names'])} classes: "
                          f"{str(e).splitlines()[0]}") from None
     return model
+
+
+def aux_state(state, model):
+    """A checkpoint's weights for `model`: the auxiliary head's (training only) dropped where the model has none."""
+    if getattr(model, "aux_head", None) is None:
+        return {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    return state
 
 
 def load_weights(model, file):

@@ -1,17 +1,19 @@
 """Training and evaluation samples: the dataset, augmentation presets (image and mask together), copy-paste of
-rare objects, normalisation, and the collate function for full-size masks.
+rare objects, normalisation, the collate function for full-size masks, and train.py's sets built from its flags.
 
     ds = SegmentationDataset(coco, img_size=256, aug="basic", mask_cache="~/.cache/trashseg/masks")
     image, mask, meta = ds[0]            # float CHW normalised, int64 HW, {file_name, image_id, height, width}
 """
 import random
 import warnings
+from pathlib import Path
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from coco import DataError, annotation_bitmap, load_mask, open_mask_cache, pixel_counts, read_image
+from coco import DataError, annotation_bitmap, load_coco, load_mask, open_mask_cache, pixel_counts, read_image
+from faults import ignore_stop_signals
 
 AUG_PRESETS = ("none", "basic", "strong")
 # upright: photos keep their up (road scenes, underwater video, most photos): horizontal flips only;
@@ -189,3 +191,33 @@ def collate_full_masks(batch):
     metas as lists."""
     masks = [item[1] if len(item) == 3 else None for item in batch]
     return torch.stack([item[0] for item in batch]), masks, [item[-1] for item in batch]
+
+
+# ----------------------------------------------------------------------------- train.py's sets, from its flags
+
+def training_set(args, train_coco, data, log):
+    """Training set: the training JSON (with augmentation and copy-paste), plus pseudo-labelled images."""
+    copy_paste = CopyPaste(train_coco, args.copy_paste_classes) if args.copy_paste else None
+    if copy_paste:
+        log.print(f"copy-paste classes: {', '.join(data['class_names'][c] for c in copy_paste.classes)} "
+                  f"({len(copy_paste.sources)} objects)")
+    common = {"orientation": args.orientation, "normalization": data["normalization"], "skip_bad": args.skip_bad}
+    sets = [SegmentationDataset(train_coco, args.img_size, args.aug, args.mask_cache, copy_paste, **common)]
+    if args.pseudo:
+        pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=data["class_names"])
+        sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, **common))
+        log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}")
+    return torch.utils.data.ConcatDataset(sets)
+
+
+def validation_loader(args, val_json, data, rank, world, device):
+    """Validation at each image's original size, sharded over processes without padding: exact metrics."""
+    val_coco = load_coco(args.data_dir, val_json, class_names=data["class_names"], skip_bad=args.skip_bad)
+    if not val_coco.labeled:
+        raise ValueError(f"{val_coco.json_path}: validation JSON has no annotations")
+    val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=args.mask_cache, full_mask=True,
+                                  normalization=data["normalization"])
+    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+    return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
+                                       collate_fn=collate_full_masks, pin_memory=device.type == "cuda",
+                                       worker_init_fn=ignore_stop_signals)

@@ -10,23 +10,46 @@ import torch
 from checkpoint import set_rng_state
 
 
-def param_groups(model, lr, weight_decay, encoder_lr_mult=1.0):
-    """No weight decay on norms and biases (decaying them only hurts); with encoder_lr_mult != 1 the encoder's
-    parameters get lr x encoder_lr_mult (a pretrained encoder needs smaller steps than a new decoder)."""
-    parts = [list(model.named_parameters())]
-    if encoder_lr_mult != 1.0:
-        parts = [[(n, p) for n, p in parts[0] if n.startswith("encoder.")],
-                 [(n, p) for n, p in parts[0] if not n.startswith("encoder.")]]
-    groups = []
-    for params, mult in zip(parts, [encoder_lr_mult, 1.0] if len(parts) == 2 else [1.0]):
-        params = [p for _, p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr * mult},
-                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr * mult}]
-    return groups
+NO_DECAY_NAMES = ("relative_position_bias_table",)  # Swin's position tables are biases too
 
 
-def build_optimizer(model, name="adamw", lr=2e-4, weight_decay=1e-4, momentum=0.9, encoder_lr_mult=1.0):
-    groups = param_groups(model, lr, weight_decay, encoder_lr_mult)
+def lr_multipliers(model, encoder_lr_mult=1.0, layer_decay=1.0):
+    """Each parameter's multiple of --lr: the head's 1; the encoder's encoder_lr_mult, times layer_decay once per
+    block between it and the head (the deepest block once, the stem most), as the ConvNeXt and BEiT fine-tuning
+    recipes do."""
+    stages = getattr(getattr(model, "encoder", None), "stage_paths", [])
+    blocks, last_of_stage = [path for paths in stages for path in paths], [paths[-1] for paths in stages]
+    multipliers = {}
+    for name, _ in model.named_parameters():
+        if not name.startswith("encoder."):
+            multipliers[name] = 1.0
+            continue
+        if name.startswith("encoder.norms."):  # a stage's output norm sits with that stage's last block
+            block = last_of_stage[int(name.split(".")[2])]
+        else:
+            block = next((b for b in blocks if name.startswith(f"encoder.net.{b}.")), blocks[0])
+        multipliers[name] = encoder_lr_mult * layer_decay ** (len(blocks) - blocks.index(block))
+    return multipliers
+
+
+def param_groups(model, lr, weight_decay, encoder_lr_mult=1.0, layer_decay=1.0):
+    """One group per learning rate and decay: no weight decay on norms, biases and Swin's position tables
+    (decaying them only hurts); learning rates from lr_multipliers (a pretrained encoder needs smaller steps
+    than a new decoder, its early blocks smaller still)."""
+    multipliers = lr_multipliers(model, encoder_lr_mult, layer_decay)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(NO_DECAY_NAMES)
+        groups.setdefault((multipliers[name], decay), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
+            for (mult, decay), params in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))]
+
+
+def build_optimizer(model, name="adamw", lr=2e-4, weight_decay=1e-4, momentum=0.9, encoder_lr_mult=1.0,
+                    layer_decay=1.0):
+    groups = param_groups(model, lr, weight_decay, encoder_lr_mult, layer_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     # fused: one kernel over all tensors instead of a chain of small ops per tensor; the same update
@@ -56,7 +79,7 @@ def lr_factor(step, total, warmup, kind):
 def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
     """Optimizer, LR schedule, grad scaler, first epoch and best mIoU: fresh, or as the checkpoint left them."""
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum,
-                                args.encoder_lr_mult)
+                                args.encoder_lr_mult, getattr(args, "layer_decay", 1.0))
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))

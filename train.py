@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import checkpoint_state, load_weights, resume_from, save_checkpoint, trained_with
+from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, trained_with
 from coco import DataError, default_cache_dir, load_coco, pixel_counts
-from dataset import AUG_PRESETS, ORIENTATIONS, CopyPaste, SegmentationDataset, collate_full_masks
+from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
 from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
 from inference import autocast, evaluate
@@ -55,6 +55,12 @@ def get_args_parser():
                    help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
     p.add_argument("--tf-padding", action=argparse.BooleanOptionalAction, default=False,
                    help="efficientnet_lite: stride-2 convs pad as TensorFlow's SAME, as its weights were trained")
+    p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width (mmseg: 512)")
+    p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
+    p.add_argument("--drop-path", type=float, help="convnext/swin stochastic depth (default: torchvision's)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
@@ -64,6 +70,9 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--encoder-lr-mult", type=float, default=1.0, help="the encoder's lr = --lr x this")
+    p.add_argument("--layer-decay", type=float, default=1.0,
+                   help="the encoder's lr is multiplied by this once per block going down from the head")
+    p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradients' total norm to NORM")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"))
     p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     p.add_argument("--scheduler", default="poly", choices=("poly", "cosine", "onecycle", "step"))
@@ -134,34 +143,6 @@ def resolve_jsons(args):
     return train, None if str(val).lower() == "none" else val
 
 
-def get_dataset(args, train_coco, data, log):
-    """Training set: the training JSON (with augmentation and copy-paste), plus pseudo-labelled images."""
-    copy_paste = CopyPaste(train_coco, args.copy_paste_classes) if args.copy_paste else None
-    if copy_paste:
-        log.print(f"copy-paste classes: {', '.join(data['class_names'][c] for c in copy_paste.classes)} "
-                  f"({len(copy_paste.sources)} objects)")
-    common = {"orientation": args.orientation, "normalization": data["normalization"], "skip_bad": args.skip_bad}
-    sets = [SegmentationDataset(train_coco, args.img_size, args.aug, args.mask_cache, copy_paste, **common)]
-    if args.pseudo:
-        pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=data["class_names"])
-        sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, **common))
-        log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}")
-    return torch.utils.data.ConcatDataset(sets)
-
-
-def get_val_loader(args, val_json, data, rank, world, device):
-    """Validation at each image's original size, sharded over processes without padding: exact metrics."""
-    val_coco = load_coco(args.data_dir, val_json, class_names=data["class_names"], skip_bad=args.skip_bad)
-    if not val_coco.labeled:
-        raise ValueError(f"{val_coco.json_path}: validation JSON has no annotations")
-    val_set = SegmentationDataset(val_coco, args.img_size, "none", mask_cache=args.mask_cache, full_mask=True,
-                                  normalization=data["normalization"])
-    shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-    return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
-                                       collate_fn=collate_full_masks, pin_memory=device.type == "cuda",
-                                       worker_init_fn=ignore_stop_signals)
-
-
 def criterion(args, train_coco, class_names, device, log):
     weight = None
     if args.class_weights:
@@ -175,10 +156,11 @@ def build_network(args, num_classes, checkpoint, device, world, log):
     """(the network, what runs it: under DDP and compiled when asked)."""
     model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
                         output_stride=args.output_stride, separable=args.separable, decoder_convs=args.decoder_convs,
-                        tf_padding=args.tf_padding)
+                        tf_padding=args.tf_padding, head_channels=args.head_channels, stage_norms=args.stage_norms,
+                        drop_path=args.drop_path, aux=args.aux_weight > 0)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(aux_state(checkpoint["model"], model))
     elif args.weights:
         log.print(load_weights(model, args.weights))
     model.to(device)
@@ -198,6 +180,13 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------------------- one epoch
 
+def training_loss(out, masks, loss_fn, aux_weight):
+    """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one."""
+    logits, aux_logits = out if isinstance(out, tuple) else (out, None)
+    aux_loss = loss_fn(aux_logits, masks) * aux_weight if aux_logits is not None else 0.0
+    return loss_fn(logits, masks) + aux_loss  # the main loss last: its parts are the ones logged
+
+
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
     """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps, stop}; bad_steps
     carries over epochs; a stop signal (on any rank) raises Stopped after the step. Returns images seen per s."""
@@ -213,8 +202,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, args.amp):
-            logits = model(images)
-        loss = loss_fn(logits, masks)
+            out = model(images)
+        loss = training_loss(out, masks, loss_fn, args.aux_weight)
         finite, stop_signum = agree_on_step(loss, run["stop"].signum, world)
         if not finite:
             # only this micro-batch is dropped: gradients of the window's earlier micro-batches stay and are
@@ -229,6 +218,9 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
             loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
         if (i + 1) % args.accum_steps == 0:
             if window_has_grad:  # a window of only bad batches has nothing to step
+                if args.clip_grad:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -380,7 +372,7 @@ def run(args, given, rank, world, device):
     # input normalisation belongs to the weights: the checkpoint's, or what the backbone's ImageNet weights expect
     data = {"class_names": class_names,
             "normalization": trained_with(checkpoint)[0] if checkpoint else input_normalization(args.backbone)}
-    val_loader = get_val_loader(args, val_json, data, rank, world, device) if val_json else None
+    val_loader = validation_loader(args, val_json, data, rank, world, device) if val_json else None
     model, forward_model = build_network(args, len(class_names), checkpoint, device, world, log)
     if args.test_only:
         if not val_loader:
@@ -388,7 +380,7 @@ def run(args, given, rank, world, device):
         metrics, _ = validate(forward_model, val_loader, class_names, checkpoint["epoch"], args, world, device, log)
         log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
         return metrics
-    train_set = get_dataset(args, train_coco, data, log)
+    train_set = training_set(args, train_coco, data, log)
     fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log)
 

@@ -36,7 +36,8 @@ def make_checkpoint(path, arch, backbone="resnet18", img_size=64, **network):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, backbone, network", [("deeplabv3plus", "resnet18", {}), ("unet", "resnet18", {})])
+@pytest.mark.parametrize("arch, backbone, network", [("deeplabv3plus", "resnet18", {}), ("unet", "resnet18", {}),
+                                                     ("upernet", "resnet18", {"head_channels": 64})])
 def test_the_export_gives_the_checkpoints_logits_at_two_sizes(tmp_path, arch, backbone, network):
     model = make_checkpoint(tmp_path / "best.pt", arch, backbone, **network)
     export.main(["--ckpt", str(tmp_path / "best.pt"), "-o", str(tmp_path / "model.pt2")])
