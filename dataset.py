@@ -12,10 +12,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from coco import DataError, annotation_bitmap, load_coco, load_mask, open_mask_cache, pixel_counts, read_image
+from coco import (IGNORE_INDEX, DataError, annotation_bitmap, load_coco, load_mask, open_mask_cache, pixel_counts,
+                  read_image)
 from faults import ignore_stop_signals
 
-AUG_PRESETS = ("none", "basic", "strong")
+AUG_PRESETS = ("none", "basic", "strong", "scale")
 # upright: photos keep their up (road scenes, underwater video, most photos): horizontal flips only;
 # any: no up (top-down shots): vertical flips and 90-degree turns too
 ORIENTATIONS = ("upright", "any")
@@ -35,6 +36,66 @@ class RandomRot90(v2.Transform):
         return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
 
 
+def uniform(low, high):
+    return float(torch.empty(()).uniform_(low, high))
+
+
+class ScaleCrop:
+    """mmsegmentation's standard training crop: the image resized by a random ratio of the training size (0.5-2.0,
+    aspect kept: its shorter side becomes ratio x img_size), then a random img_size crop, padded with the ignore
+    value where the image is smaller, drawn again (up to `tries` times) while one class covers more than
+    `cat_max_ratio` of the crop's labelled pixels. Unlike 'basic', objects are also seen smaller than in the photo."""
+
+    def __init__(self, img_size, ratio=(0.5, 2.0), cat_max_ratio=0.75, tries=10):
+        self.size, self.ratio, self.cat_max_ratio, self.tries = img_size, ratio, cat_max_ratio, tries
+
+    def __call__(self, image, mask):
+        height, width = image.shape[-2:]
+        scale = self.size * uniform(*self.ratio) / min(height, width)
+        new = [max(1, round(height * scale)), max(1, round(width * scale))]
+        image, mask = v2.functional.resize(image, new, antialias=True), v2.functional.resize(mask, new)
+        pad = [0, 0, max(self.size - new[1], 0), max(self.size - new[0], 0)]  # left, top, right, bottom
+        if pad[2] or pad[3]:
+            image, mask = v2.functional.pad(image, pad, fill=0), v2.functional.pad(mask, pad, fill=IGNORE_INDEX)
+        for _ in range(self.tries):
+            top = int(torch.randint(image.shape[-2] - self.size + 1, ()))
+            left = int(torch.randint(image.shape[-1] - self.size + 1, ()))
+            crop = mask[..., top:top + self.size, left:left + self.size]
+            counts = torch.unique(crop[crop != IGNORE_INDEX], return_counts=True)[1]
+            if len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum():
+                break
+        return (v2.functional.crop(image, top, left, self.size, self.size),
+                v2.functional.crop(mask, top, left, self.size, self.size))
+
+
+class PhotoMetricDistortion(v2.Transform):
+    """mmsegmentation's PhotoMetricDistortion on the image (the mask is left alone): brightness +-32, contrast
+    x0.5-1.5, saturation x0.5-1.5, hue +-18 (of 180), each with probability 0.5; contrast before or after the
+    colour changes at random."""
+
+    def make_params(self, flat_inputs):
+        maybe = lambda low, high: uniform(low, high) if torch.rand(()) < 0.5 else None
+        return {"brightness": maybe(-32, 32), "contrast": maybe(0.5, 1.5), "saturation": maybe(0.5, 1.5),
+                "hue": maybe(-18 / 180, 18 / 180), "contrast_first": bool(torch.rand(()) < 0.5)}
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, tv_tensors.Image):
+            return inpt
+        image = inpt.as_subclass(torch.Tensor).float()
+        if params["brightness"] is not None:
+            image = (image + params["brightness"]).clamp(0, 255)
+        if params["contrast"] is not None and params["contrast_first"]:
+            image = (image * params["contrast"]).clamp(0, 255)
+        image = image.round().to(torch.uint8)
+        if params["saturation"] is not None:
+            image = v2.functional.adjust_saturation(image, params["saturation"])
+        if params["hue"] is not None:
+            image = v2.functional.adjust_hue(image, params["hue"])
+        if params["contrast"] is not None and not params["contrast_first"]:
+            image = (image.float() * params["contrast"]).clamp(0, 255).round().to(torch.uint8)
+        return tv_tensors.wrap(image, like=inpt)
+
+
 def build_transform(preset, img_size, orientation="upright"):
     """Joint image+mask transform on uint8 tensors ending at img_size x img_size. v2 resamples tv_tensors.Mask
     with nearest, and photometric ops leave it alone, so mask values stay in the class set."""
@@ -44,14 +105,17 @@ def build_transform(preset, img_size, orientation="upright"):
     if preset not in AUG_PRESETS or orientation not in ORIENTATIONS:
         raise ValueError(f"unknown augmentation preset '{preset}' or orientation '{orientation}' (choose from "
                          f"{', '.join(AUG_PRESETS)}; {', '.join(ORIENTATIONS)})")
-    ops = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), ratio=(0.75, 1.333), antialias=True),
-           v2.RandomHorizontalFlip()]
+    crop = ScaleCrop(img_size) if preset == "scale" else v2.RandomResizedCrop(size, scale=(0.25, 1.0),
+                                                                             ratio=(0.75, 1.333), antialias=True)
+    ops = [crop, v2.RandomHorizontalFlip()]
     if orientation == "any":
         ops += [v2.RandomVerticalFlip(), RandomRot90()]
     if preset == "strong":
         ops += [v2.RandomApply([v2.ColorJitter(0.3, 0.3, 0.3, 0.05)], p=0.8),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.2),
                 v2.RandomApply([v2.JPEG((40, 95))], p=0.3)]
+    if preset == "scale":
+        ops.append(PhotoMetricDistortion())
     return v2.Compose(ops)
 
 

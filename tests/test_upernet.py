@@ -108,3 +108,32 @@ def test_an_upernet_run_with_aux_head_predicts_without_it_and_scores_as_test_onl
                   "--device", "cpu"])
     predicted = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert predicted["mIoU"] == pytest.approx(test_only["mIoU"], abs=1e-9)
+
+
+def crop_shares(crop):
+    counts = torch.unique(crop[crop != 255], return_counts=True)[1]
+    return len(counts), float(counts.max() / counts.sum())
+
+
+def test_scale_crop_redraws_crops_that_one_class_dominates():
+    from dataset import ScaleCrop
+    mask = torch.zeros(1, 64, 256, dtype=torch.uint8)
+    mask[:, :, 160:] = 1  # crops of 64 columns mix both classes below 75% only for 31 of the 193 positions
+    image = torch.zeros(3, 64, 256, dtype=torch.uint8)
+    torch.manual_seed(0)
+    ruled = [crop_shares(ScaleCrop(64, ratio=(1, 1))(image, mask)[1]) for _ in range(200)]
+    plain = [crop_shares(ScaleCrop(64, ratio=(1, 1), tries=1)(image, mask)[1]) for _ in range(200)]
+    passes = lambda shares: sum(n > 1 and top < 0.75 for n, top in shares) / len(shares)
+    assert passes(plain) < 0.3 and passes(ruled) > 0.6  # 16% by chance; 1 - 0.84^10 = 82% with ten draws
+
+
+def test_scale_crop_zooms_out_and_pads_with_the_ignore_value():
+    from dataset import ScaleCrop, build_transform
+    from torchvision import tv_tensors
+    image, mask = torch.full((3, 64, 96), 200, dtype=torch.uint8), torch.ones(1, 64, 96, dtype=torch.uint8)
+    small_image, small_mask = ScaleCrop(64, ratio=(0.5, 0.5))(image, mask)  # 32 x 48, padded to 64 x 64
+    assert small_mask.shape == (1, 64, 64) and int((small_mask == 255).sum()) == 64 * 64 - 32 * 48
+    assert int((small_image[0] == 0).sum()) == 64 * 64 - 32 * 48
+    torch.manual_seed(1)
+    out_image, out_mask = build_transform("scale", 64)(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    assert out_image.shape == (3, 64, 64) and set(out_mask.unique().tolist()) <= {1, 255}  # labels untouched
