@@ -3,9 +3,10 @@ image's own size and scored. train.py's validation and predict.py --eval both go
 give the same mIoU for the same checkpoint.
 """
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from metrics import confusion_matrix
+from metrics import confusion_matrix, metrics_table, segmentation_metrics
 
 
 def autocast(device, enabled):
@@ -70,3 +71,16 @@ def evaluate(model, loader, num_classes, device, img_size, amp=False, channels_l
                                                   channels_last=channels_last), masks):
             confusion += confusion_matrix(pred, mask.to(device), num_classes)
     return confusion
+
+
+def validate(model, val_loader, class_names, epoch, args, world, device, log):
+    """train.py's validation: one confusion matrix over the whole set (summed over processes), its metrics printed
+    and logged."""
+    confusion = evaluate(model, val_loader, len(class_names), device, args.img_size, args.amp, args.channels_last)
+    if world > 1:
+        dist.all_reduce(confusion)
+    confusion = confusion.cpu()
+    metrics = segmentation_metrics(confusion, class_names)
+    log.print(f"validation after epoch {epoch}:\n{metrics_table(metrics)}")
+    log.log({"epoch": epoch, "val": metrics, "confusion": confusion.tolist()})
+    return metrics, confusion

@@ -26,9 +26,8 @@ from coco import DataError, default_cache_dir, load_coco, pixel_counts
 from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
 from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
-from inference import autocast, evaluate
+from inference import autocast, validate
 from losses import WEIGHT_METHODS, build_loss, class_weights
-from metrics import metrics_table, segmentation_metrics
 from backbones import input_normalization
 from model import ARCHS, BACKBONES, ModelError, build_model
 from optim import training_state
@@ -38,13 +37,8 @@ from pictures import confusion_picture, curves_picture
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--fold", type=int, default=0, help="use <data-dir>/folds/{train,val}_fold<k>.json")
-    p.add_argument("--folds-dir", help="where folds.py wrote the fold JSONs (default <data-dir>/folds)")
-    p.add_argument("--train-json", help="explicit training JSON (path, or name under --data-dir)")
-    p.add_argument("--val-json", help="explicit validation JSON; 'none' trains on everything without validation")
+def add_network_args(p):
+    """The flags that shape the network (checkpoint.NETWORK_FLAGS, and the training-only auxiliary head)."""
     p.add_argument("--arch", default="deeplabv3plus", choices=ARCHS)
     p.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
                    help="default: ImageNet weights that need no download (packaged)")
@@ -61,6 +55,16 @@ def get_args_parser():
     p.add_argument("--drop-path", type=float, help="convnext/swin stochastic depth (default: torchvision's)")
     p.add_argument("--aux-weight", type=float, default=0.0,
                    help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--fold", type=int, default=0, help="use <data-dir>/folds/{train,val}_fold<k>.json")
+    p.add_argument("--folds-dir", help="where folds.py wrote the fold JSONs (default <data-dir>/folds)")
+    p.add_argument("--train-json", help="explicit training JSON (path, or name under --data-dir)")
+    p.add_argument("--val-json", help="explicit validation JSON; 'none' trains on everything without validation")
+    add_network_args(p)
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
@@ -242,17 +246,6 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
         if stop_signum:
             raise Stopped(stop_signum, epoch, (i + 1) // args.accum_steps, run["steps_per_epoch"])
     return seen / max(time.time() - t_epoch, 1e-9)
-
-
-def validate(model, val_loader, class_names, epoch, args, world, device, log):
-    confusion = evaluate(model, val_loader, len(class_names), device, args.img_size, args.amp, args.channels_last)
-    if world > 1:
-        dist.all_reduce(confusion)
-    confusion = confusion.cpu()
-    metrics = segmentation_metrics(confusion, class_names)
-    log.print(f"validation after epoch {epoch}:\n{metrics_table(metrics)}")
-    log.log({"epoch": epoch, "val": metrics, "confusion": confusion.tolist()})
-    return metrics, confusion
 
 
 # ----------------------------------------------------------------------------- main
