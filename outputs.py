@@ -25,7 +25,7 @@ from metrics import confusion_matrix, metrics_table, per_image_iou, segmentation
 from pictures import confusion_picture, overlay
 
 OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "confusion.png", "per_image.csv", "pseudo.json")
-OUTPUT_DIRS = ("masks", "probs", "vis")
+OUTPUT_DIRS = ("masks", "probs", "vis", "pseudo_masks")
 
 
 class OutputError(ValueError):

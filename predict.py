@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coco import default_cache_dir, load_coco
+from coco import IGNORE_INDEX, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from outputs import OutputError, mask_name, prepare_output_dir, write_json, write_results, writing
+from outputs import OutputError, mask_name, prepare_output_dir, save_mask, write_json, write_results, writing
 
 
 def prob_shape(height, width, max_side):
@@ -82,6 +82,9 @@ def get_args_parser():
     p.add_argument("--eval", action="store_true", help="score against the JSON's annotations")
     p.add_argument("--vis", type=int, default=0, metavar="N", help="overlays of N images (worst first with --eval)")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json for train.py --pseudo")
+    p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
+                   help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
+                        "in training; only confident pixels teach")
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--force", action="store_true", help="replace the outputs of an existing --output-dir")
     p.add_argument("--device")
@@ -99,9 +102,11 @@ def save_probs(out_dir, meta, full, max_side):
     return name
 
 
-def predict_set(model, loader, out_dir, img_size, flips, args, device):
-    """Predict every image of the loader: (manifest entries, [(file_name, pred, target or None)], model seconds)."""
+def predict_set(model, loader, out_dir, img_size, flips, args, device, class_names):
+    """Predict every image of the loader: (manifest entries, [(file_name, pred, target or None)], model seconds,
+    pseudo-label pixel counts per class: predicted, kept)."""
     manifest, results, model_seconds = [], [], 0.0
+    kept = torch.zeros(len(class_names), 2, dtype=torch.int64)
     for images, masks, metas in loader:
         t = time.perf_counter()
         per_image = evaluate_batch(model, images.to(device), metas, img_size, flips, args.scales, args.amp,
@@ -112,18 +117,47 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device):
                      "mask": mask_name(meta["file_name"])}
             if not args.no_probs:
                 entry["probs"] = save_probs(out_dir, meta, full, args.prob_size)
+            if args.pseudo:
+                entry["pseudo_mask"] = save_pseudo(out_dir, meta["file_name"], full, args.pseudo_threshold,
+                                                   class_names, kept)
             manifest.append(entry)
             results.append((meta["file_name"], pred.to(torch.uint8).cpu().numpy(),
                             None if mask is None else mask.numpy()))
-    return manifest, results, model_seconds
+    return manifest, results, model_seconds, kept
 
 
-def write_pseudo(out_dir, class_names, manifest):
-    """pseudo.json: the predicted images as a labeled COCO file whose masks are the predicted PNGs."""
+def pseudo_mask(probs, threshold):
+    """uint8 class ids of a (C, H, W) probability map, IGNORE_INDEX where the top probability is below threshold."""
+    confidence, mask = probs.max(0)
+    mask = mask.to(torch.uint8)
+    mask[confidence < threshold] = IGNORE_INDEX
+    return mask
+
+
+def save_pseudo(out_dir, file_name, probs, threshold, class_names, kept):
+    """pseudo_masks/<file_name>.png (class ids, IGNORE_INDEX where not confident); counts each class's predicted
+    and kept pixels into kept (C, 2). Returns its path relative to out_dir."""
+    mask = pseudo_mask(probs, threshold)
+    predicted = probs.argmax(0).flatten()
+    kept[:, 0] += torch.bincount(predicted.cpu(), minlength=len(kept))
+    kept[:, 1] += torch.bincount(predicted[mask.flatten() != IGNORE_INDEX].cpu(), minlength=len(kept))
+    name = "pseudo_" + mask_name(file_name)
+    save_mask(mask.cpu().numpy(), out_dir / name, class_names)
+    return name
+
+
+def write_pseudo(out_dir, class_names, manifest, threshold, kept):
+    """pseudo.json: the predicted images as a labeled COCO file whose masks are the pseudo-label PNGs; prints the
+    share of each class's predicted pixels kept at the threshold."""
     categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
     images = [{"id": i + 1, "file_name": e["file_name"], "width": e["width"], "height": e["height"],
-               "mask_file": e["mask"]} for i, e in enumerate(manifest)]
-    write_json(out_dir / "pseudo.json", {"images": images, "categories": categories})
+               "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest)]
+    write_json(out_dir / "pseudo.json", {"images": images, "categories": categories,
+                                         "pseudo_threshold": threshold})
+    shares = [f"{n} {100 * int(k) / int(p):.0f}% of {int(p):,}" for n, (p, k) in zip(class_names, kept.tolist())
+              if p > 0]
+    print(f"pseudo labels (threshold {threshold}): kept {100 * int(kept[:, 1].sum()) / max(int(kept[:, 0].sum()), 1):.1f}% "
+          f"of the pixels; per predicted class: {', '.join(shares)}")
 
 
 def run(args):
@@ -145,7 +179,8 @@ def run(args):
           f"{info['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
           f"scales {args.scales}) -> {out_dir}")
     t0 = time.perf_counter()
-    manifest, results, model_seconds = predict_set(model, loader, out_dir, img_size, flips, args, device)
+    manifest, results, model_seconds, kept = predict_set(model, loader, out_dir, img_size, flips, args, device,
+                                                         class_names)
     seconds = time.perf_counter() - t0
     timing = {"images": len(coco), "seconds": seconds, "seconds_per_image": seconds / max(len(coco), 1),
               "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales}
@@ -156,7 +191,7 @@ def run(args):
                                               "prob_size": None if args.no_probs else args.prob_size,
                                               "timing": timing, "images": manifest})
     if args.pseudo:
-        write_pseudo(out_dir, class_names, manifest)
+        write_pseudo(out_dir, class_names, manifest, args.pseudo_threshold, kept)
     print(f"{len(coco)} images in {seconds:.1f} s ({timing['seconds_per_image']:.3f} s/image, model "
           f"{timing['model_seconds_per_image']:.3f} s/image); wrote {out_dir / 'submission.csv'}")
 

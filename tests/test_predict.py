@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import coco
 import ensemble
@@ -131,8 +132,14 @@ def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
     assert [v.split("_", 1)[1] for v in vis] == [Path(r[0]).stem + ".png" for r in worst]
 
     pseudo = tmp_path / "pseudo"
-    run_predict(demo_dir, run_dirs / "a" / "best.pt", pseudo, "--json", "test.json", "--pseudo", "--no-probs")
+    run_predict(demo_dir, run_dirs / "a" / "best.pt", pseudo, "--json", "test.json", "--pseudo", "--no-probs",
+                "--pseudo-threshold", "0.5")
     assert not (pseudo / "probs").exists()
+    pseudo_masks = [np.array(Image.open(p)) for p in sorted((pseudo / "pseudo_masks").rglob("*.png"))]
+    masks = [np.array(Image.open(p)) for p in sorted((pseudo / "masks").rglob("*.png"))]
+    assert len(pseudo_masks) == 4 and any((p == 255).any() for p in pseudo_masks)  # a 1-epoch model is unsure
+    for confident, full in zip(pseudo_masks, masks):  # kept pixels are the prediction's own
+        assert np.array_equal(confident[confident != 255], full[confident != 255])
     train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none",
                 "--pseudo", str(pseudo), "--arch", "unet", "--backbone", "resnet18", "--no-pretrained",
                 "--img-size", "48", "-b", "4", "--workers", "0", "--epochs", "1", "--output-dir",
@@ -145,6 +152,15 @@ def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
     assert pseudo_set.labeled and len(pseudo_set) == 4
     image, mask, _ = SegmentationDataset(pseudo_set, 48)[0]
     assert mask.shape == (48, 48)
+
+
+def test_pseudo_masks_ignore_exactly_the_unconfident_pixels():
+    probs = torch.tensor([[[0.9, 0.5], [0.2, 0.34]],
+                          [[0.1, 0.5], [0.7, 0.33]],
+                          [[0.0, 0.0], [0.1, 0.33]]])
+    assert predict.pseudo_mask(probs, 0.0).tolist() == [[0, 0], [1, 0]]  # every pixel: the argmax
+    assert predict.pseudo_mask(probs, 0.6).tolist() == [[0, 255], [1, 255]]
+    assert predict.pseudo_mask(probs, 0.95).tolist() == [[255, 255], [255, 255]]
 
 
 @pytest.mark.slow
