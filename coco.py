@@ -85,12 +85,33 @@ class CocoSet:
     def annotations(self, image):
         return self.anns_by_image.get(image["id"], [])
 
+    def excluding(self, file_names):
+        """Images whose file_name is listed dropped (in place), with their annotations; returns how many."""
+        listed = set(file_names)
+        dropped = [img for img in self.images if img["file_name"] in listed]
+        self.images = [img for img in self.images if img["file_name"] not in listed]
+        for img in dropped:
+            self.anns_by_image.pop(img["id"], None)
+        return len(dropped)
+
     def to_dict(self, image_ids=None):
         """A COCO dict of the accepted images (all, or these ids) and their accepted annotations."""
         keep = None if image_ids is None else set(image_ids)
         images = [img for img in self.images if keep is None or img["id"] in keep]
         anns = [a for img in images for a in self.annotations(img)]
         return dict(self.extra, images=images, annotations=anns)
+
+
+def read_exclude_list(path):
+    """(file_names, {file, count, sha1}) of an --exclude list: one file_name per line, '#' starts a comment. The
+    record goes into config.json and the checkpoint, so a run says which images it left out."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the exclude list ({e.strerror or e})") from None
+    names = sorted({line.split("#", 1)[0].strip() for line in text.splitlines()} - {""})
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()
+    return names, {"file": str(path), "count": len(names), "sha1": digest}
 
 
 def resolve_json(data_dir, json_name):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coco import DataError, load_coco, pixel_counts
+from coco import DataError, load_coco, pixel_counts, read_exclude_list
 from outputs import WriteError, write_json
 
 
@@ -128,9 +128,14 @@ def main():
     p.add_argument("--group-pattern", help="regex; images whose file_name match the same text form one group")
     p.add_argument("--compare-random", action="store_true", help="also print a seeded random split's table")
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--exclude", metavar="FILE", help="file_names to leave out, one per line ('#' comments)")
     args = p.parse_args()
     try:
         coco = load_coco(args.data_dir, args.json, skip_bad=args.skip_bad, check_files=False)
+        if args.exclude:  # before anything else: excluded images are in no fold
+            names, record = read_exclude_list(args.exclude)
+            print(f"excluded {coco.excluding(names)} of {coco.json_path}'s images ({record['count']} listed in "
+                  f"{args.exclude}, sha1 {record['sha1'][:12]})")
     except DataError as e:
         sys.exit(f"error: {e}")
     counts = pixel_counts(coco, by=args.by)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, trained_with
-from coco import DataError, default_cache_dir, load_coco, pixel_counts
+from coco import DataError, default_cache_dir, load_coco, pixel_counts, read_exclude_list
 from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
 from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
@@ -93,6 +93,7 @@ def get_args_parser():
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images/annotations with a warning")
+    p.add_argument("--exclude", metavar="FILE", help="training file_names to leave out, one per line ('#' comments)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--amp", action="store_true", help="fp16 + GradScaler on CUDA, bf16 autocast on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
@@ -354,11 +355,15 @@ def run(args, given, rank, world, device):
     checkpoint, output_dir = resume_from(args, given, rank)
     if args.test_only and not checkpoint:
         raise ValueError("--test-only validates a checkpoint: give it with --resume PATH")
+    excluded, args.excluded = read_exclude_list(args.exclude) if args.exclude else ([], None)  # into config.json
     prepare_output_dir(output_dir, args, checkpoint is not None, rank)
     log = Logger(None if args.test_only else output_dir, rank)
     # the class list comes from the training JSON (or the checkpoint); other JSONs map onto it by name
     train_json, val_json = resolve_jsons(args)
     train_coco = None if args.test_only else load_coco(args.data_dir, train_json, skip_bad=args.skip_bad)
+    if excluded and train_coco is not None:
+        args.excluded["dropped"] = train_coco.excluding(excluded)
+        log.print(f"excluded {args.excluded['dropped']} training images ({len(excluded)} listed in {args.exclude})")
     class_names = checkpoint["class_names"] if checkpoint else train_coco.class_names
     if train_coco is not None and train_coco.class_names != class_names:
         raise ValueError(f"{train_json}: classes {train_coco.class_names} differ from the checkpoint's {class_names}")

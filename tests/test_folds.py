@@ -127,3 +127,31 @@ def test_skip_bad_keeps_dropped_annotations_out_of_the_fold_files(tmp_path):
             fold = load_coco(tmp_path, tmp_path / "folds" / f"{part}_fold{f}.json")  # no --skip-bad needed now
             total += sum(len(a) for a in fold.anns_by_image.values()) if part == "val" else 0
     assert total == 6  # the six good annotations, each in exactly one val fold
+
+
+@pytest.mark.slow
+def test_excluded_images_are_in_no_fold_and_no_training_batch(demo_dir, tmp_path):
+    import torch
+
+    import train
+    from test_train import tiny_args
+    names = [img["file_name"] for img in json.loads((Path(demo_dir) / "train_all.json").read_text())["images"]]
+    listed = tmp_path / "doubtful.txt"
+    listed.write_text(f"# looked at the overlays\n{names[0]}\n{names[3]}  # two objects, one label\n\nnot/there.jpg\n")
+    out = subprocess.run([sys.executable, "folds.py", "--data-dir", str(demo_dir), "--output-dir", str(tmp_path),
+                          "--k", "3", "--exclude", str(listed)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "excluded 2 of" in out.stdout and "(3 listed in" in out.stdout
+    for f in range(3):
+        for part in ("train", "val"):
+            fold = json.loads((tmp_path / f"{part}_fold{f}.json").read_text())
+            assert not {names[0], names[3]} & {i["file_name"] for i in fold["images"]}
+    run = tmp_path / "run"
+    train.main(tiny_args(demo_dir, run, "--epochs", "1", "--val-json", "none", "--exclude", str(listed)))
+    log = (run / "log.jsonl").read_text()
+    config = json.loads((run / "config.json").read_text())
+    assert config["excluded"]["count"] == 3 and len(config["excluded"]["sha1"]) == 40
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["args"]["excluded"]["dropped"] == 2
+    # 10 of the 12 demo images remain: 2 steps of 4 (the last partial batch is dropped)
+    assert ckpt["scheduler"]["last_epoch"] == len(names[2:]) // 4 and '"step": 2' in log
