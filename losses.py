@@ -147,6 +147,36 @@ def class_weights(counts, method):
     return torch.tensor(raw / raw.mean(), dtype=torch.float32)
 
 
+def capped(weights, cap):
+    """Weights bounded at cap x the smallest one (cap None: unchanged). The losses divide by the weights of the
+    pixels they count, so only the ratios matter."""
+    if cap is None:
+        return weights
+    if cap < 1:
+        raise ValueError(f"--class-weight-cap must be at least 1, not {cap}")
+    return torch.minimum(weights, weights.min() * cap)
+
+
+def run_class_weights(spec, counts, class_names, cap=None):
+    """train.py --class-weights: a method (WEIGHT_METHODS) on the training set's pixel counts, or explicit
+    'Name=value,...' pairs (classes not named get 1) checked against the class list by name; then the cap."""
+    if spec in WEIGHT_METHODS:
+        return capped(class_weights(counts, spec), cap)
+    weights = torch.ones(len(class_names))
+    for pair in spec.split(","):
+        name, sep, value = pair.partition("=")
+        if not sep or name.strip() not in class_names:
+            raise ValueError(f"--class-weights '{pair}': expected a method ({', '.join(WEIGHT_METHODS)}) or "
+                             f"Name=value pairs with names from the class list ({', '.join(class_names)})")
+        try:
+            weights[class_names.index(name.strip())] = float(value)
+        except ValueError:
+            raise ValueError(f"--class-weights '{pair}': '{value}' is not a number") from None
+    if (weights < 0).any():
+        raise ValueError(f"--class-weights {spec}: weights must not be negative")
+    return capped(weights, cap)
+
+
 def main():
     p = argparse.ArgumentParser(description="Print class weights for pixel counts, e.g. --counts 900 90 9 0")
     p.add_argument("--counts", type=float, nargs="+", required=True)

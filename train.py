@@ -27,7 +27,7 @@ from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
 from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
 from inference import autocast, validate
-from losses import WEIGHT_METHODS, build_loss, class_weights
+from losses import WEIGHT_METHODS, build_loss, run_class_weights
 from backbones import input_normalization
 from model import ARCHS, BACKBONES, ModelError, build_model
 from optim import training_state
@@ -83,7 +83,10 @@ def get_args_parser():
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--loss", default="ce", help="e.g. ce, focal, ce:0.75,dice:0.25, focal+dice")
     p.add_argument("--focal-gamma", type=float, default=2.0)
-    p.add_argument("--class-weights", choices=WEIGHT_METHODS, help="weights from the training set's pixel counts")
+    p.add_argument("--class-weights", metavar="METHOD|NAME=W,...",
+                   help=f"{'|'.join(WEIGHT_METHODS)} from the training set's pixel counts, or explicit pairs, e.g. "
+                        f"'Battery=3,Glass=2' (others 1)")
+    p.add_argument("--class-weight-cap", type=float, metavar="C", help="bound the weights at C x the smallest")
     p.add_argument("--aug", default="basic", choices=AUG_PRESETS)
     p.add_argument("--orientation", default="upright", choices=ORIENTATIONS,
                    help="upright: horizontal flips only; any: vertical flips and 90-degree turns too (and in --tta)")
@@ -151,7 +154,7 @@ def resolve_jsons(args):
 def criterion(args, train_coco, class_names, device, log):
     weight = None
     if args.class_weights:
-        weight = class_weights(pixel_counts(train_coco), args.class_weights)
+        weight = run_class_weights(args.class_weights, pixel_counts(train_coco), class_names, args.class_weight_cap)
         log.print(f"class weights ({args.class_weights}): " +
                   ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weight.tolist())))
     return build_loss(args.loss, weight, args.focal_gamma).to(device)

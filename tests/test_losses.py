@@ -101,3 +101,18 @@ def test_losses_are_finite_under_autocast(dtype):
             assert value.dtype == torch.float32 and torch.isfinite(value)
             value.backward(retain_graph=True)
     assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_class_weights_by_name_and_a_cap():
+    from losses import run_class_weights
+    names = ["Background", "Paper", "Battery"]
+    counts = [9000, 900, 9]
+    assert run_class_weights("Battery=3,Paper=1.5", counts, names).tolist() == [1.0, 1.5, 3.0]
+    with pytest.raises(ValueError, match="'Batery=3': expected a method .* class list .Background, Paper, Battery"):
+        run_class_weights("Batery=3", counts, names)
+    with pytest.raises(ValueError, match="'x' is not a number"):
+        run_class_weights("Paper=x", counts, names)
+    free = run_class_weights("inverse", counts, names)
+    bounded = run_class_weights("inverse", counts, names, cap=20)
+    assert free.max() / free.min() > 900 and bounded.max() / bounded.min() == pytest.approx(20)
+    assert torch.equal(bounded[:2], free[:2])  # only the weights above the cap change
