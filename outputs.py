@@ -193,11 +193,14 @@ def write_submission(path, rows):
 
 
 def write_per_image(path, rows, class_names):
+    """per_image.csv, worst mIoU first: where to look for doubtful labels (loss: mean cross-entropy of the
+    predicted probabilities over the labelled pixels; empty when only masks were voted)."""
     with writing(path, path), open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image_id", "mIoU"] + class_names)
-        for file_name, ious, miou in rows:
-            writer.writerow([file_name, f"{miou:.4f}"] + ["" if np.isnan(v) else f"{v:.4f}" for v in ious])
+        writer.writerow(["image_id", "mIoU", "loss"] + class_names)
+        for file_name, ious, miou, loss in sorted(rows, key=lambda row: row[2]):
+            writer.writerow([file_name, f"{miou:.4f}", "" if loss is None else f"{loss:.4f}"] +
+                            ["" if np.isnan(v) else f"{v:.4f}" for v in ious])
 
 
 # ----------------------------------------------------------------------------- pictures written
@@ -234,19 +237,19 @@ def write_vis(out_dir, items, data_dir, class_names, n):
 # ----------------------------------------------------------------------------- everything from per-image results
 
 def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labeled, extra=None):
-    """From per-image results [(file_name, pred mask, target mask or None)]: submission CSV, mask PNGs, and when
-    labeled metrics.json and per_image.csv; overlays of `vis` images (worst first when labeled)."""
+    """From per-image results [(file_name, pred mask, target mask or None[, loss])]: submission CSV, mask PNGs, and
+    when labeled metrics.json and per_image.csv; overlays of `vis` images (worst first when labeled)."""
     rows, per_image, vis_items = [], [], []
     num_classes = len(class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for file_name, pred, target in results:
+    for file_name, pred, target, *loss in results:
         rows.append(csv_row(file_name, pred, csv_size))
         save_mask(pred, out_dir / mask_name(file_name), class_names)
         score = None
         if target is not None:
             confusion += confusion_matrix(pred, target, num_classes)
             ious, score = per_image_iou(pred, target, num_classes)
-            per_image.append((file_name, ious, score))
+            per_image.append((file_name, ious, score, loss[0] if loss else None))
         vis_items.append((file_name, pred, target, score))
     write_submission(out_dir / "submission.csv", rows)
     metrics = None

@@ -102,6 +102,16 @@ def save_probs(out_dir, meta, full, max_side):
     return name
 
 
+def image_loss(probs, mask):
+    """Mean cross-entropy of one image's (C, H, W) probabilities against its mask, over the labelled pixels."""
+    mask = mask.to(probs.device).long()
+    labelled = mask != IGNORE_INDEX
+    if not labelled.any():
+        return None
+    picked = probs.gather(0, mask.clamp(max=probs.shape[0] - 1)[None])[0]
+    return float(-picked[labelled].clamp_min(1e-8).log().mean())
+
+
 def predict_set(model, loader, out_dir, img_size, flips, args, device, class_names):
     """Predict every image of the loader: (manifest entries, [(file_name, pred, target or None)], model seconds,
     pseudo-label pixel counts per class: predicted, kept)."""
@@ -122,7 +132,7 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
                                                    class_names, kept)
             manifest.append(entry)
             results.append((meta["file_name"], pred.to(torch.uint8).cpu().numpy(),
-                            None if mask is None else mask.numpy()))
+                            None if mask is None else mask.numpy(), None if mask is None else image_loss(full, mask)))
     return manifest, results, model_seconds, kept
 
 

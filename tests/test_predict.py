@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,10 @@ def test_eval_of_a_perfect_prediction_gives_miou_one(demo_dir, tmp_path):
     metrics = outputs.write_results(out, demo.class_names, results, demo_dir, 256, 0, True)
     assert metrics["mIoU"] == 1.0
     per_image = read_csv(out / "per_image.csv")
-    assert per_image[0][:2] == ["image_id", "mIoU"] and all(float(r[1]) == 1.0 for r in per_image[1:])
+    assert per_image[0][:3] == ["image_id", "mIoU", "loss"] and all(float(r[1]) == 1.0 for r in per_image[1:])
+    assert all(r[2] == "" for r in per_image[1:])  # masks alone: no probabilities, no loss
+    probs = torch.tensor([[[0.9, 0.2]], [[0.1, 0.8]]])
+    assert predict.image_loss(probs, torch.tensor([[0, 255]])) == pytest.approx(-math.log(0.9))
 
 
 @pytest.mark.slow
@@ -127,7 +131,9 @@ def test_eval_vis_worst_first_and_pseudo_labels(demo_dir, run_dirs, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["mIoU"] <= 1 and len(metrics["confusion"]) == 11
     rows = read_csv(out / "per_image.csv")[1:]
-    worst = sorted(rows, key=lambda r: float(r[1]))[:3]
+    assert [float(r[1]) for r in rows] == sorted(float(r[1]) for r in rows)  # worst first
+    assert all(float(r[2]) > 0 for r in rows)  # each image's loss, beside its IoU
+    worst = rows[:3]
     vis = sorted(p.name for p in (out / "vis").glob("*.png"))
     assert [v.split("_", 1)[1] for v in vis] == [Path(r[0]).stem + ".png" for r in worst]
 
