@@ -2,6 +2,8 @@
 
     python ensemble.py preds/* --output-dir preds/ensemble
     python ensemble.py preds/a preds/b --weights 2 1 --mode hard --eval --data-dir data --json val.json
+    python ensemble.py oof/a oof/b --search-weights --eval --json folds/val_fold0.json --output-dir preds/oof_ens
+    python ensemble.py preds/a preds/b --weights-from preds/oof_ens/weights.json   # the chosen weights on test
 
 Soft voting (default when every input has probs/): the weighted average of the class probabilities, resized to
 each image's size, then argmax. Hard voting (--mode hard, or when an input has no probs): per pixel, the class with
@@ -11,6 +13,7 @@ voted for one. Bare CSV inputs vote hard at the CSV's resolution and give a CSV 
 """
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
+from metrics import confusion_matrix, segmentation_metrics
 from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, write_json,
                      write_results, write_submission)
 
@@ -103,6 +107,10 @@ def main(argv=None):
     p.add_argument("--output-dir", default="preds/ensemble")
     p.add_argument("--mode", choices=("soft", "hard"), help="default: soft when every input has probs/")
     p.add_argument("--weights", type=float, nargs="+", help="one per input (default all 1)")
+    p.add_argument("--search-weights", action="store_true",
+                   help="with --eval: choose the weights that maximise mIoU on --json (out-of-fold predictions), "
+                        "print what was tried, write weights.json")
+    p.add_argument("--weights-from", metavar="FILE", help="the weights a --search-weights run wrote (weights.json)")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--eval", action="store_true", help="score against --json's annotations")
     p.add_argument("--data-dir", help="default: the one predict.py used")
@@ -155,12 +163,63 @@ def vote_image(inputs, weights, name, mode, soft_possible, num_classes):
     return hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy())
 
 
+SEARCH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def ensemble_miou(inputs, weights, targets, mode, soft_possible, class_names):
+    confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.int64)
+    for name, target in targets.items():
+        pred = vote_image(inputs, weights, name, mode, soft_possible, len(class_names))
+        confusion += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), len(class_names))
+    return segmentation_metrics(confusion, class_names)["mIoU"]
+
+
+def search_weights(inputs, weights, targets, mode, soft_possible, class_names, out_dir, args):
+    """Coordinate ascent: each input's weight in turn over SEARCH_GRID, the others held, kept where mIoU on the
+    labelled images rises; two passes. A weight of 0 leaves an input out. Prints the table, writes weights.json."""
+    if not args.eval or not targets:
+        raise OutputError("--search-weights needs --eval and a labelled --json of images no member trained on")
+    labelled = {img["file_name"] for img in load_coco(args.data_dir or inputs[0]["data_dir"], args.json,
+                                                       class_names=class_names).images}
+    uncovered = sorted(labelled - set(inputs[0]["images"]))
+    if uncovered:
+        raise OutputError(f"the inputs do not cover {len(uncovered)} labelled images of {args.json} "
+                          f"({', '.join(uncovered[:5])}): predict every one with each member")
+    tried = {}
+    score = lambda w: tried.setdefault(tuple(w), ensemble_miou(inputs, list(w), targets, mode, soft_possible,
+                                                               class_names))
+    best = list(weights)
+    print("| " + " | ".join(str(i["path"]) for i in inputs) + " | mIoU |\n|" + "---|" * (len(inputs) + 1))
+    for _ in range(2):
+        for k in range(len(inputs)):
+            for value in SEARCH_GRID:
+                trial = best[:k] + [value] + best[k + 1:]
+                if sum(trial) == 0 or tuple(trial) in tried:
+                    continue
+                print("| " + " | ".join(f"{w:g}" for w in trial) + f" | {100 * score(trial):.2f} |", flush=True)
+                if score(trial) > score(best):
+                    best = trial
+    print(f"chosen weights {best}: mIoU {100 * score(best):.2f} (equal weights: "
+          f"{100 * score([1.0] * len(inputs)):.2f})")
+    write_json(out_dir / "weights.json", {"inputs": [str(i["path"]) for i in inputs], "weights": best,
+                                          "mIoU": score(best), "json": str(args.json),
+                                          "tried": [{"weights": list(w), "mIoU": m} for w, m in tried.items()]}, 1)
+    return best
+
+
+def read_weights(path):
+    try:
+        return [float(w) for w in json.loads(Path(path).read_text())["weights"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise OutputError(f"{path}: not a weights.json of ensemble.py --search-weights ({e})") from None
+
+
 def run(args):
     out_dir = Path(args.output_dir)
     paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
     if len(paths) < 2:
         raise OutputError(f"need at least two inputs besides {out_dir}, got {len(paths)}")
-    weights = args.weights or [1.0] * len(paths)
+    weights = read_weights(args.weights_from) if args.weights_from else args.weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise OutputError(f"{len(weights)} weights for {len(paths)} inputs")
     inputs = [read_input(p) for p in paths]
@@ -177,6 +236,8 @@ def run(args):
         return vote_csvs(inputs, weights, out_dir, args.csv_size)
     class_names, data_dir = first["class_names"], args.data_dir or first["data_dir"]
     targets = load_targets(data_dir, args.json, class_names, first["order"], args.mask_cache) if args.eval else {}
+    if args.search_weights:
+        weights = search_weights(inputs, weights, targets, mode, soft_possible, class_names, out_dir, args)
     results = [(name, vote_image(inputs, weights, name, mode, soft_possible, len(class_names)), targets.get(name))
                for name in first["order"]]
     manifest = [{"file_name": name, "height": first["images"][name]["height"], "width": first["images"][name]["width"],

@@ -24,7 +24,8 @@ from coco import IGNORE_INDEX, palette, read_image
 from metrics import confusion_matrix, metrics_table, per_image_iou, segmentation_metrics
 from pictures import confusion_picture, overlay
 
-OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "confusion.png", "per_image.csv", "pseudo.json")
+OUTPUT_NAMES = ("submission.csv", "predictions.json", "metrics.json", "confusion.png", "per_image.csv", "pseudo.json",
+                "weights.json")
 OUTPUT_DIRS = ("masks", "probs", "vis", "pseudo_masks")
 
 

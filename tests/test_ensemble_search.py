@@ -1,0 +1,64 @@
+"""ensemble.py --search-weights: weights chosen on labelled images that no member trained on."""
+import json
+
+import numpy as np
+import pytest
+
+import ensemble
+from conftest import CATEGORIES, square, write_set
+
+CLASSES = ["Background"] + [c["name"] for c in CATEGORIES]
+
+
+def member(folder, labels, right, confidence):
+    """A predict.py output dir whose probabilities put `confidence` on the true class where right, else on another
+    (the rest spread evenly)."""
+    images = []
+    for name, mask in labels.items():
+        guess = mask if right else (mask + 1) % len(CLASSES)
+        probs = np.eye(len(CLASSES))[guess].transpose(2, 0, 1) * confidence + (1 - confidence) / len(CLASSES)
+        (folder / "probs").mkdir(parents=True, exist_ok=True)
+        np.save(folder / "probs" / f"{name[:-4]}.npy", probs.astype(np.float16))
+        images.append({"file_name": name, "height": mask.shape[0], "width": mask.shape[1],
+                       "mask": f"masks/{name[:-4]}.png", "probs": f"probs/{name[:-4]}.npy"})
+    (folder / "predictions.json").write_text(json.dumps({"class_names": CLASSES, "images": images}))
+    return folder
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    """Two 16x16 images, each with one Paper square, and their masks."""
+    write_set(tmp_path, [("a.jpg", 16, 16), ("b.jpg", 16, 16)],
+              [{"image_id": 1, "category_id": 1, "segmentation": square(2, 2, 10, 10), "area": 64},
+               {"image_id": 2, "category_id": 1, "segmentation": square(4, 4, 14, 12), "area": 80}], name="val.json")
+    masks = {"a.jpg": np.zeros((16, 16), np.int64), "b.jpg": np.zeros((16, 16), np.int64)}
+    masks["a.jpg"][2:10, 2:10] = 1
+    masks["b.jpg"][4:12, 4:14] = 1
+    return tmp_path, masks
+
+
+def test_the_search_finds_the_member_that_is_right(labelled, tmp_path, capsys):
+    root, masks = labelled
+    # the wrong member is the more confident: with equal weights it wins every pixel
+    good, bad = member(tmp_path / "good", masks, True, 0.6), member(tmp_path / "bad", masks, False, 0.9)
+    out = tmp_path / "ens"
+    ensemble.main([str(bad), str(good), "--search-weights", "--eval", "--data-dir", str(root), "--json", "val.json",
+                   "--output-dir", str(out), "--mask-cache", "none"])
+    chosen = json.loads((out / "weights.json").read_text())
+    assert chosen["mIoU"] == 1.0 and chosen["weights"][1] > chosen["weights"][0]
+    assert json.loads((out / "metrics.json").read_text())["mIoU"] == 1.0  # the outputs use the chosen weights
+    said = capsys.readouterr().out
+    assert "| 0 | 1 | 100.00 |" in said and "(equal weights: 0.00)" in said and len(chosen["tried"]) >= 6
+    # the same weights applied to another set of predictions (here the same members) by --weights-from
+    ensemble.main([str(bad), str(good), "--weights-from", str(out / "weights.json"), "--output-dir",
+                   str(tmp_path / "test_ens")])
+    assert json.loads((tmp_path / "test_ens" / "predictions.json").read_text())["images"]
+
+
+def test_the_search_refuses_inputs_that_miss_labelled_images(labelled, tmp_path):
+    root, masks = labelled
+    partial = {"a.jpg": masks["a.jpg"]}
+    a, b = member(tmp_path / "a", partial, True, 0.9), member(tmp_path / "b", partial, False, 0.9)
+    with pytest.raises(SystemExit, match="do not cover 1 labelled images of val.json .b.jpg."):
+        ensemble.main([str(a), str(b), "--search-weights", "--eval", "--data-dir", str(root), "--json", "val.json",
+                       "--output-dir", str(tmp_path / "ens"), "--mask-cache", "none"])
