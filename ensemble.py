@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
-from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, write_json,
-                     write_results, write_submission)
+from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, save_pseudo, write_json,
+                     write_pseudo, write_results, write_submission)
 
 
 def read_input(path):
@@ -111,6 +111,9 @@ def main(argv=None):
                    help="with --eval: choose the weights that maximise mIoU on --json (out-of-fold predictions), "
                         "print what was tried, write weights.json")
     p.add_argument("--weights-from", metavar="FILE", help="the weights a --search-weights run wrote (weights.json)")
+    p.add_argument("--pseudo", action="store_true", help="write pseudo.json from the averaged probabilities")
+    p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
+                   help="with --pseudo: pixels whose averaged top probability is below T are ignored in training")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--eval", action="store_true", help="score against --json's annotations")
     p.add_argument("--data-dir", help="default: the one predict.py used")
@@ -151,16 +154,19 @@ def load_targets(data_dir, json_name, class_names, file_names, cache_flag):
     return {k: load_mask(coco, index[k], cache) for k in file_names}
 
 
-def vote_image(inputs, weights, name, mode, soft_possible, num_classes):
-    """The voted uint8 mask of one image at its own size."""
+def vote_image(inputs, weights, name, mode, soft_possible, num_classes, with_probs=False):
+    """The voted uint8 mask of one image at its own size (with_probs: and the weighted average of the inputs'
+    probabilities, None without them)."""
     h, w = inputs[0]["images"][name]["height"], inputs[0]["images"][name]["width"]
     summed = None
     if soft_possible:
-        summed = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights))
+        summed = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)) / sum(weights)
     if mode == "soft":
-        return (summed / sum(weights)).argmax(0).to(torch.uint8).numpy()
-    masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
-    return hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy())
+        mask = summed.argmax(0).to(torch.uint8).numpy()
+    else:
+        masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
+        mask = hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy())
+    return (mask, summed) if with_probs else mask
 
 
 SEARCH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -238,14 +244,23 @@ def run(args):
     targets = load_targets(data_dir, args.json, class_names, first["order"], args.mask_cache) if args.eval else {}
     if args.search_weights:
         weights = search_weights(inputs, weights, targets, mode, soft_possible, class_names, out_dir, args)
-    results = [(name, vote_image(inputs, weights, name, mode, soft_possible, len(class_names)), targets.get(name))
-               for name in first["order"]]
-    manifest = [{"file_name": name, "height": first["images"][name]["height"], "width": first["images"][name]["width"],
-                 "mask": mask_name(name)} for name in first["order"]]
+    if args.pseudo and not soft_possible:
+        raise OutputError("--pseudo needs probs/ in every input: pseudo labels come from the averaged probabilities")
+    results, manifest = [], []
+    kept = torch.zeros(len(class_names), 2, dtype=torch.int64)
+    for name in first["order"]:
+        mask, probs = vote_image(inputs, weights, name, mode, soft_possible, len(class_names), with_probs=True)
+        results.append((name, mask, targets.get(name)))
+        manifest.append({"file_name": name, "height": first["images"][name]["height"],
+                         "width": first["images"][name]["width"], "mask": mask_name(name)})
+        if args.pseudo:
+            manifest[-1]["pseudo_mask"] = save_pseudo(out_dir, name, probs, args.pseudo_threshold, class_names, kept)
     write_results(out_dir, class_names, results, data_dir, args.csv_size, args.vis, bool(args.eval),
                   {"inputs": [str(p) for p in paths], "weights": weights, "mode": mode})
     write_json(out_dir / "predictions.json", {"class_names": class_names, "data_dir": data_dir, "mode": mode,
                                               "inputs": [str(p) for p in paths], "images": manifest})
+    if args.pseudo:
+        write_pseudo(out_dir, class_names, manifest, args.pseudo_threshold, kept)
     print(f"wrote {out_dir / 'submission.csv'} ({len(results)} rows)")
 
 

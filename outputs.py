@@ -204,6 +204,42 @@ def write_per_image(path, rows, class_names):
                             ["" if np.isnan(v) else f"{v:.4f}" for v in ious])
 
 
+# ----------------------------------------------------------------------------- pseudo labels
+
+def pseudo_mask(probs, threshold):
+    """uint8 class ids of a (C, H, W) probability map, IGNORE_INDEX where the top probability is below threshold."""
+    confidence, mask = probs.max(0)
+    mask = mask.to(torch.uint8)
+    mask[confidence < threshold] = IGNORE_INDEX
+    return mask
+
+
+def save_pseudo(out_dir, file_name, probs, threshold, class_names, kept):
+    """pseudo_masks/<file_name>.png (class ids, IGNORE_INDEX where not confident); counts each class's predicted
+    and kept pixels into kept (C, 2). Returns its path relative to out_dir."""
+    mask = pseudo_mask(probs, threshold)
+    predicted = probs.argmax(0).flatten()
+    kept[:, 0] += torch.bincount(predicted.cpu(), minlength=len(kept))
+    kept[:, 1] += torch.bincount(predicted[mask.flatten() != IGNORE_INDEX].cpu(), minlength=len(kept))
+    name = "pseudo_" + mask_name(file_name)
+    save_mask(mask.cpu().numpy(), out_dir / name, class_names)
+    return name
+
+
+def write_pseudo(out_dir, class_names, manifest, threshold, kept):
+    """pseudo.json: the predicted images as a labeled COCO file whose masks are the pseudo-label PNGs; prints the
+    share of each class's predicted pixels kept at the threshold."""
+    categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
+    images = [{"id": i + 1, "file_name": e["file_name"], "width": e["width"], "height": e["height"],
+               "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest)]
+    write_json(out_dir / "pseudo.json", {"images": images, "categories": categories,
+                                         "pseudo_threshold": threshold})
+    shares = [f"{n} {100 * int(k) / int(p):.0f}% of {int(p):,}" for n, (p, k) in zip(class_names, kept.tolist())
+              if p > 0]
+    print(f"pseudo labels (threshold {threshold}): kept {100 * int(kept[:, 1].sum()) / max(int(kept[:, 0].sum()), 1):.1f}% "
+          f"of the pixels; per predicted class: {', '.join(shares)}")
+
+
 # ----------------------------------------------------------------------------- pictures written
 
 def save_picture(image, path):

@@ -23,7 +23,8 @@ from coco import IGNORE_INDEX, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from outputs import OutputError, mask_name, prepare_output_dir, save_mask, write_json, write_results, writing
+from outputs import (OutputError, mask_name, prepare_output_dir, save_pseudo, write_json, write_pseudo, write_results,
+                     writing)
 
 
 def prob_shape(height, width, max_side):
@@ -134,40 +135,6 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
             results.append((meta["file_name"], pred.to(torch.uint8).cpu().numpy(),
                             None if mask is None else mask.numpy(), None if mask is None else image_loss(full, mask)))
     return manifest, results, model_seconds, kept
-
-
-def pseudo_mask(probs, threshold):
-    """uint8 class ids of a (C, H, W) probability map, IGNORE_INDEX where the top probability is below threshold."""
-    confidence, mask = probs.max(0)
-    mask = mask.to(torch.uint8)
-    mask[confidence < threshold] = IGNORE_INDEX
-    return mask
-
-
-def save_pseudo(out_dir, file_name, probs, threshold, class_names, kept):
-    """pseudo_masks/<file_name>.png (class ids, IGNORE_INDEX where not confident); counts each class's predicted
-    and kept pixels into kept (C, 2). Returns its path relative to out_dir."""
-    mask = pseudo_mask(probs, threshold)
-    predicted = probs.argmax(0).flatten()
-    kept[:, 0] += torch.bincount(predicted.cpu(), minlength=len(kept))
-    kept[:, 1] += torch.bincount(predicted[mask.flatten() != IGNORE_INDEX].cpu(), minlength=len(kept))
-    name = "pseudo_" + mask_name(file_name)
-    save_mask(mask.cpu().numpy(), out_dir / name, class_names)
-    return name
-
-
-def write_pseudo(out_dir, class_names, manifest, threshold, kept):
-    """pseudo.json: the predicted images as a labeled COCO file whose masks are the pseudo-label PNGs; prints the
-    share of each class's predicted pixels kept at the threshold."""
-    categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
-    images = [{"id": i + 1, "file_name": e["file_name"], "width": e["width"], "height": e["height"],
-               "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest)]
-    write_json(out_dir / "pseudo.json", {"images": images, "categories": categories,
-                                         "pseudo_threshold": threshold})
-    shares = [f"{n} {100 * int(k) / int(p):.0f}% of {int(p):,}" for n, (p, k) in zip(class_names, kept.tolist())
-              if p > 0]
-    print(f"pseudo labels (threshold {threshold}): kept {100 * int(kept[:, 1].sum()) / max(int(kept[:, 0].sum()), 1):.1f}% "
-          f"of the pixels; per predicted class: {', '.join(shares)}")
 
 
 def run(args):

@@ -62,3 +62,16 @@ def test_the_search_refuses_inputs_that_miss_labelled_images(labelled, tmp_path)
     with pytest.raises(SystemExit, match="do not cover 1 labelled images of val.json .b.jpg."):
         ensemble.main([str(a), str(b), "--search-weights", "--eval", "--data-dir", str(root), "--json", "val.json",
                        "--output-dir", str(tmp_path / "ens"), "--mask-cache", "none"])
+
+
+def test_ensemble_pseudo_labels_keep_only_confident_averaged_pixels(labelled, tmp_path):
+    from PIL import Image
+    root, masks = labelled
+    a, b = member(tmp_path / "a", masks, True, 0.9), member(tmp_path / "b", masks, True, 0.5)
+    for threshold, kept in (("0.6", True), ("0.8", False)):  # averaged top probability: (0.925 + 0.625) / 2
+        out = tmp_path / f"pseudo_{threshold}"
+        ensemble.main([str(a), str(b), "--pseudo", "--pseudo-threshold", threshold, "--output-dir", str(out)])
+        pseudo = json.loads((out / "pseudo.json").read_text())
+        assert pseudo["pseudo_threshold"] == float(threshold) and len(pseudo["images"]) == 2
+        mask = np.array(Image.open(out / pseudo["images"][0]["mask_file"]))
+        assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()

@@ -164,9 +164,9 @@ def test_pseudo_masks_ignore_exactly_the_unconfident_pixels():
     probs = torch.tensor([[[0.9, 0.5], [0.2, 0.34]],
                           [[0.1, 0.5], [0.7, 0.33]],
                           [[0.0, 0.0], [0.1, 0.33]]])
-    assert predict.pseudo_mask(probs, 0.0).tolist() == [[0, 0], [1, 0]]  # every pixel: the argmax
-    assert predict.pseudo_mask(probs, 0.6).tolist() == [[0, 255], [1, 255]]
-    assert predict.pseudo_mask(probs, 0.95).tolist() == [[255, 255], [255, 255]]
+    assert outputs.pseudo_mask(probs, 0.0).tolist() == [[0, 0], [1, 0]]  # every pixel: the argmax
+    assert outputs.pseudo_mask(probs, 0.6).tolist() == [[0, 255], [1, 255]]
+    assert outputs.pseudo_mask(probs, 0.95).tolist() == [[255, 255], [255, 255]]
 
 
 @pytest.mark.slow
