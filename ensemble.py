@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cleanup import remove_small_regions
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
 from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, save_pseudo, write_json,
@@ -111,6 +112,8 @@ def main(argv=None):
                    help="with --eval: choose the weights that maximise mIoU on --json (out-of-fold predictions), "
                         "print what was tried, write weights.json")
     p.add_argument("--weights-from", metavar="FILE", help="the weights a --search-weights run wrote (weights.json)")
+    p.add_argument("--min-region", type=int, default=0, metavar="N",
+                   help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json from the averaged probabilities")
     p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
                    help="with --pseudo: pixels whose averaged top probability is below T are ignored in training")
@@ -250,7 +253,7 @@ def run(args):
     kept = torch.zeros(len(class_names), 2, dtype=torch.int64)
     for name in first["order"]:
         mask, probs = vote_image(inputs, weights, name, mode, soft_possible, len(class_names), with_probs=True)
-        results.append((name, mask, targets.get(name)))
+        results.append((name, remove_small_regions(mask, args.min_region), targets.get(name)))
         manifest.append({"file_name": name, "height": first["images"][name]["height"],
                          "width": first["images"][name]["width"], "mask": mask_name(name)})
         if args.pseudo:

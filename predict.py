@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cleanup import remove_small_regions
 from coco import IGNORE_INDEX, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
@@ -82,6 +83,8 @@ def get_args_parser():
     p.add_argument("--no-probs", action="store_true", help="do not write probs/ (then ensembles vote hard)")
     p.add_argument("--eval", action="store_true", help="score against the JSON's annotations")
     p.add_argument("--vis", type=int, default=0, metavar="N", help="overlays of N images (worst first with --eval)")
+    p.add_argument("--min-region", type=int, default=0, metavar="N",
+                   help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json for train.py --pseudo")
     p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
                    help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
@@ -132,8 +135,9 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
                 entry["pseudo_mask"] = save_pseudo(out_dir, meta["file_name"], full, args.pseudo_threshold,
                                                    class_names, kept)
             manifest.append(entry)
-            results.append((meta["file_name"], pred.to(torch.uint8).cpu().numpy(),
-                            None if mask is None else mask.numpy(), None if mask is None else image_loss(full, mask)))
+            clean = remove_small_regions(pred.to(torch.uint8).cpu().numpy(), args.min_region)
+            results.append((meta["file_name"], clean, None if mask is None else mask.numpy(),
+                            None if mask is None else image_loss(full, mask)))
     return manifest, results, model_seconds, kept
 
 

@@ -75,3 +75,15 @@ def test_ensemble_pseudo_labels_keep_only_confident_averaged_pixels(labelled, tm
         assert pseudo["pseudo_threshold"] == float(threshold) and len(pseudo["images"]) == 2
         mask = np.array(Image.open(out / pseudo["images"][0]["mask_file"]))
         assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()
+
+
+def test_min_region_cleans_the_voted_masks(labelled, tmp_path):
+    from PIL import Image
+    root, masks = labelled
+    specked = {name: mask.copy() for name, mask in masks.items()}
+    specked["a.jpg"][14, 14] = 2  # a one-pixel speck of Metal on the background
+    a, b = member(tmp_path / "a", specked, True, 0.9), member(tmp_path / "b", specked, True, 0.9)
+    for min_region, out in ((0, tmp_path / "raw"), (4, tmp_path / "clean")):
+        ensemble.main([str(a), str(b), "--min-region", str(min_region), "--output-dir", str(out)])
+    assert np.array(Image.open(tmp_path / "raw" / "masks" / "a.png"))[14, 14] == 2
+    assert np.array_equal(np.array(Image.open(tmp_path / "clean" / "masks" / "a.png")), masks["a.jpg"])
