@@ -16,12 +16,14 @@ OPTIMIZER_COPIES = {"adamw": 2, "adam": 2, "sgd": 1}
 class Stopped(Exception):
     """A stop signal ended training at (epoch, step)."""
 
-    def __init__(self, signum, epoch=None, step=None, steps=None):
+    def __init__(self, signum, epoch=None, step=None, steps=None, at_once=False):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.epoch, self.step, self.steps = signum, epoch, step, steps
+        self.signum, self.epoch, self.step, self.steps, self.at_once = signum, epoch, step, steps, at_once
         self.exit_code = 128 + signum  # what a shell reports for a process killed by the signal: 130, 143
 
     def where(self):
+        if self.at_once:  # a second signal: wherever the run was, mid-step or mid-write
+            return f"epoch {self.epoch}, at once (a second signal; that epoch is not saved)"
         if self.step is None:
             return f"the end of epoch {self.epoch}"
         return f"epoch {self.epoch} step {self.step}/{self.steps}"
@@ -46,7 +48,7 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            raise Stopped(signum)
+            raise Stopped(signum, at_once=True)
         self.signum = signum
         if self.rank == 0:  # os.write, not print: a handler may interrupt a print, and print is not reentrant
             os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this step "

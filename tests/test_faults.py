@@ -196,3 +196,17 @@ def test_a_stop_signal_ends_training_with_one_line_and_a_resumable_checkpoint(de
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_second_signal_stops_at_once_and_says_so():
+    import faults
+    with faults.StopSignals(rank=1) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the first only asks
+        with pytest.raises(faults.Stopped) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+    stopped.value.epoch = 3
+    assert stopped.value.at_once and stopped.value.exit_code == 143
+    assert stopped.value.where() == "epoch 3, at once (a second signal; that epoch is not saved)"
+    assert faults.Stopped(signal.SIGINT, 2).where() == "the end of epoch 2"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
