@@ -2,7 +2,6 @@
 
 A checkpoint is a dict of tensors and plain data (torch.load(path, weights_only=True) reads it) with these keys:
 """
-import os
 import pickle
 import random
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch.distributed as dist
 from backbones import HEAD_PREFIXES, ModelError
 from dataset import IMAGENET_NORMALIZATION
 from model import build_model
-from outputs import writing
+from outputs import atomic
 
 CHECKPOINT_KEYS = {
     "model": "the network's state dict",
@@ -68,17 +67,14 @@ def tensor_bytes(obj):
 def save_checkpoint(state, path):
     """Atomic: a crash, a full disk or a stop signal mid-write leaves the previous file intact and no .tmp behind;
     a failed write is a WriteError naming the file, the bytes it needed and the free space."""
-    tmp = Path(str(path) + ".tmp")
-    with writing(path, tmp, needed=tensor_bytes(state)):
-        with open(tmp, "wb") as f:
-            recording = _RecordingFile(f)
-            try:
-                torch.save(state, recording)
-            except RuntimeError:
-                if recording.error is None:
-                    raise
-                raise recording.error from None
-        os.replace(tmp, path)
+    with atomic(path, needed=tensor_bytes(state)) as tmp, open(tmp, "wb") as f:
+        recording = _RecordingFile(f)
+        try:
+            torch.save(state, recording)
+        except RuntimeError:
+            if recording.error is None:
+                raise
+            raise recording.error from None
 
 
 def load_state_file(path, what="weights"):
@@ -151,6 +147,14 @@ def trained_with(ckpt):
     """(normalization, orientation) a checkpoint's model was trained with; older checkpoints: ImageNet's, 'any'."""
     return (ckpt.get("normalization") or dict(IMAGENET_NORMALIZATION),
             ckpt["args"].get("orientation", LATER_FLAGS["orientation"]))
+
+
+def predicting_info(ckpt):
+    """What predicting with a checkpoint needs besides the network (export.py stores the same in its metadata):
+    class_names, normalization, orientation, img_size, arch, backbone."""
+    normalization, orientation = trained_with(ckpt)
+    return {"class_names": ckpt["class_names"], "normalization": normalization, "orientation": orientation,
+            "img_size": ckpt["args"]["img_size"], "arch": ckpt["args"]["arch"], "backbone": ckpt["args"]["backbone"]}
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import model_from_checkpoint, read_checkpoint, trained_with
+from checkpoint import model_from_checkpoint, predicting_info, read_checkpoint
 from exported import METADATA_FILE, export_program, save_exported
 from model import ModelError
 from outputs import OutputError, writing
@@ -25,10 +25,7 @@ TOLERANCE = 1e-3
 
 
 def export_info(ckpt, ckpt_path):
-    normalization, orientation = trained_with(ckpt)
-    return {"class_names": ckpt["class_names"], "normalization": normalization, "orientation": orientation,
-            "img_size": ckpt["args"]["img_size"], "arch": ckpt["args"]["arch"], "backbone": ckpt["args"]["backbone"],
-            "checkpoint": str(ckpt_path), "torch": torch.__version__}
+    return dict(predicting_info(ckpt), checkpoint=str(ckpt_path), torch=torch.__version__)
 
 
 def check_sizes(img_size):

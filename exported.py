@@ -6,13 +6,11 @@ it; predict.py reads it without model.py: the program carries its own graph and 
     logits = program(images)         # (N, 3, H, W) normalised as info["normalization"] says -> (N, C, H, W)
 """
 import json
-import os
-from pathlib import Path
 
 import torch
 from torch.export import Dim
 
-from outputs import OutputError, writing
+from outputs import OutputError, atomic
 
 METADATA_FILE = "trashseg.json"
 METADATA_KEYS = ("class_names", "normalization", "orientation", "img_size", "arch", "backbone", "checkpoint")
@@ -29,11 +27,8 @@ def export_program(model, img_size, min_size=64, max_size=4096):
 
 def save_exported(program, info, path):
     """Atomically: the program with `info` (METADATA_KEYS) stored beside it in the archive."""
-    path = Path(path)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
-    with writing(path, tmp):
+    with atomic(path) as tmp:
         torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(info)})
-        os.replace(tmp, path)
 
 
 def load_exported(path):

@@ -96,13 +96,22 @@ def to_json(obj, indent=None):
     return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
+@contextlib.contextmanager
+def atomic(path, needed=None):
+    """Write to the yielded temporary path beside `path` (same suffix, so writers that infer the format from it
+    still do); on success it replaces `path` in one step, so a reader never sees half a file. Failures as in
+    `writing`: a WriteError naming `path`, and the temporary file removed."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    with writing(path, tmp, needed):
+        yield tmp
+        os.replace(tmp, path)
+
+
 def write_json(path, obj, indent=None):
     """Atomic: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    with writing(path, tmp):
+    with atomic(path) as tmp:
         tmp.write_text(to_json(obj, indent))
-        os.replace(tmp, path)
 
 
 class Logger:
@@ -244,11 +253,8 @@ def write_pseudo(out_dir, class_names, manifest, threshold, kept):
 
 def save_picture(image, path):
     """A PIL image as PNG, atomically (curves.png is redrawn while a viewer may have it open)."""
-    path = Path(path)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
-    with writing(path, tmp):
+    with atomic(path) as tmp:
         image.save(tmp)
-        os.replace(tmp, path)
 
 def write_vis(out_dir, items, data_dir, class_names, n):
     """Overlays of the first n items: image | prediction | ground truth (when known), with legends."""

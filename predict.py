@@ -51,15 +51,12 @@ def load_network(path, device, channels_last):
     if Path(path).suffix == ".pt2":
         program, info = load_exported(path)
         return program.to(device), info  # traced in eval mode: batch norm and dropout are fixed in the graph
-    from checkpoint import model_from_checkpoint, read_checkpoint, trained_with  # builds the network from code
+    from checkpoint import model_from_checkpoint, predicting_info, read_checkpoint  # builds the network from code
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    normalization, orientation = trained_with(ckpt)
-    return model, {"class_names": ckpt["class_names"], "normalization": normalization, "orientation": orientation,
-                   "img_size": ckpt["args"]["img_size"], "arch": ckpt["args"]["arch"],
-                   "backbone": ckpt["args"]["backbone"]}
+    return model, predicting_info(ckpt)
 
 
 def get_args_parser():
