@@ -256,6 +256,17 @@ def save_picture(image, path):
     with atomic(path) as tmp:
         image.save(tmp)
 
+
+def save_drawing(draw, path, say=print):
+    """save_picture(draw(), path), where a picture that cannot be drawn is reported and the run goes on: pictures
+    are a view of a long run, never a reason to end it. Write errors (a full disk) still stop it."""
+    try:
+        image = draw()
+    except Exception as e:  # noqa: BLE001 - any drawing bug
+        say(f"warning: {path} not drawn ({type(e).__name__}: {e}); the run goes on")
+        return
+    save_picture(image, path)
+
 def write_vis(out_dir, items, data_dir, class_names, n):
     """Overlays of the first n items: image | prediction | ground truth (when known), with legends."""
     out_dir.mkdir(parents=True, exist_ok=True)

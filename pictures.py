@@ -126,7 +126,7 @@ def curves_picture(records, class_names, title=""):
     vals = last_of_each(records, lambda r: r["epoch"] if "val" in r else None)
     epochs = [r["epoch"] + 1 for r in vals]
     colors = palette(class_names)
-    per_class = [(name, colors[c], epochs, [100 * nan_none(r["val"]["per_class"][name]["IoU"]) for r in vals])
+    per_class = [(name, colors[c], epochs, [percent(r["val"]["per_class"].get(name, {}).get("IoU")) for r in vals])
                  for c, name in enumerate(class_names)
                  if any(nan_none(r["val"]["per_class"].get(name, {}).get("IoU")) is not None for r in vals)]
     # mIoU takes the black; Background (black in the palette) is drawn in tan
@@ -139,6 +139,13 @@ def curves_picture(records, class_names, title=""):
                    log_y=True),
         line_chart(iou, "validation IoU (%)", "epochs", "IoU %", size=(720, 360), y_range=(0, 100)),
     ])
+
+
+def percent(value):
+    """100 x value, or None (a gap in the line) where a class has no IoU that epoch: absent from the ground truth and
+    the prediction."""
+    value = nan_none(value)
+    return None if value is None else 100 * value
 
 
 def nan_none(value):

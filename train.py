@@ -31,7 +31,7 @@ from losses import WEIGHT_METHODS, build_loss, run_class_weights
 from backbones import input_normalization
 from model import ARCHS, BACKBONES, ModelError, build_model
 from optim import training_state
-from outputs import Logger, WriteError, save_picture, to_json, write_json
+from outputs import Logger, WriteError, save_drawing, to_json, write_json
 from pictures import confusion_picture, curves_picture
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
@@ -275,9 +275,10 @@ def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log)
     class_names = saved["class_names"]
     if improved:
         write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
-        save_picture(confusion_picture(confusion, class_names, f"epoch {epoch} (best): rows ground truth, % of "
-                                                               f"the row"), output_dir / "confusion.png")
-    save_picture(curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png")
+        save_drawing(lambda: confusion_picture(confusion, class_names, f"epoch {epoch} (best): rows ground truth, "
+                                                                       f"% of the row"), output_dir / "confusion.png", log.print)
+    save_drawing(lambda: curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png",
+                 log.print)
 
 
 def one_epoch(epoch, parts, run, args, log):

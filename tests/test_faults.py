@@ -157,6 +157,26 @@ def test_training_with_an_unwritable_mask_cache_still_trains(demo_dir, tmp_path)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 0
 
 
+def test_a_picture_that_cannot_be_drawn_is_reported_and_training_goes_on(demo_dir, tmp_path, monkeypatch, capsys):
+    def broken(*args):
+        raise TypeError("a drawing bug")
+    monkeypatch.setattr(train, "curves_picture", broken)
+    train.main(tiny_args(demo_dir, tmp_path / "run", "--epochs", "2"))
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    assert "curves.png not drawn (TypeError: a drawing bug)" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_a_picture_that_cannot_be_written_still_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 0)
+    def full(*args, **kwargs):
+        raise FULL
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(WriteError, match="curves.png"):
+        outputs.save_drawing(lambda: Image.new("RGB", (4, 4)), tmp_path / "curves.png")
+    assert leftovers(tmp_path) == []
+
+
 def wait_for_step(log, epoch, timeout=120):
     """Until log.jsonl shows a training step of `epoch`."""
     end = time.time() + timeout

@@ -40,6 +40,14 @@ def test_curves_draw_every_present_class_in_its_palette_colour():
     assert image.width == 720 and image.height == 300 + 300 + 360
 
 
+def test_a_class_with_an_iou_in_some_epochs_only_is_drawn_with_a_gap():
+    # a class absent from the val labels has IoU 0 in an epoch that predicts it and none in one that does not
+    records = fake_log()
+    records[2]["val"]["per_class"]["Glass"]["IoU"] = 0.0
+    colors = colors_in(curves_picture(records, NAMES, "run"))
+    assert palette(NAMES)[3] in colors
+
+
 def test_a_resumed_epoch_logged_twice_counts_once():
     records = [{"epoch": 0, "step": 1, "loss": 9.0}, {"epoch": 0, "step": 1, "loss": 1.0}, {"epoch": 1}]
     kept = last_of_each(records, lambda r: (r["epoch"], r["step"]) if "step" in r else None)
