@@ -82,6 +82,8 @@ def check_inputs(inputs):
 
 def load_probs(inp, file_name, height, width):
     probs = torch.from_numpy(np.load(inp["path"] / inp["images"][file_name]["probs"]).astype(np.float32))
+    if probs.shape[-2:] == (height, width):
+        return probs
     return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
@@ -157,35 +159,49 @@ def load_targets(data_dir, json_name, class_names, file_names, cache_flag):
     return {k: load_mask(coco, index[k], cache) for k in file_names}
 
 
+def member_outputs(inputs, name, mode, soft_possible):
+    """What the inputs say about one image, read once: (probabilities at the image's size or None, masks for a hard
+    vote or None)."""
+    h, w = inputs[0]["images"][name]["height"], inputs[0]["images"][name]["width"]
+    probs = [load_probs(i, name, h, w) for i in inputs] if soft_possible else None
+    masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs] if mode == "hard" else None
+    return probs, masks
+
+
+def vote(outputs, weights, mode, num_classes):
+    """(the voted uint8 mask, the weighted average of the probabilities or None) from member_outputs."""
+    probs, masks = outputs
+    summed = sum(wt * p for wt, p in zip(weights, probs)) / sum(weights) if probs else None
+    if mode == "soft":
+        return summed.argmax(0).to(torch.uint8).numpy(), summed
+    return hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy()), summed
+
+
 def vote_image(inputs, weights, name, mode, soft_possible, num_classes, with_probs=False):
     """The voted uint8 mask of one image at its own size (with_probs: and the weighted average of the inputs'
     probabilities, None without them)."""
-    h, w = inputs[0]["images"][name]["height"], inputs[0]["images"][name]["width"]
-    summed = None
-    if soft_possible:
-        summed = sum(wt * load_probs(i, name, h, w) for i, wt in zip(inputs, weights)) / sum(weights)
-    if mode == "soft":
-        mask = summed.argmax(0).to(torch.uint8).numpy()
-    else:
-        masks = [read_mask(i["path"] / i["images"][name]["mask"]) for i in inputs]
-        mask = hard_vote(masks, weights, num_classes, None if summed is None else summed.numpy())
+    mask, summed = vote(member_outputs(inputs, name, mode, soft_possible), weights, mode, num_classes)
     return (mask, summed) if with_probs else mask
 
 
 SEARCH_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def ensemble_miou(inputs, weights, targets, mode, soft_possible, class_names):
-    confusion = torch.zeros(len(class_names), len(class_names), dtype=torch.int64)
+def ensemble_mious(inputs, weight_sets, targets, mode, soft_possible, class_names):
+    """mIoU of each weighting, in one pass over the images (each read once, whatever the number of weightings)."""
+    n = len(class_names)
+    confusions = [torch.zeros(n, n, dtype=torch.int64) for _ in weight_sets]
     for name, target in targets.items():
-        pred = vote_image(inputs, weights, name, mode, soft_possible, len(class_names))
-        confusion += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), len(class_names))
-    return segmentation_metrics(confusion, class_names)["mIoU"]
+        outputs, target = member_outputs(inputs, name, mode, soft_possible), torch.from_numpy(target)
+        for confusion, weights in zip(confusions, weight_sets):
+            confusion += confusion_matrix(torch.from_numpy(vote(outputs, weights, mode, n)[0]), target, n)
+    return [segmentation_metrics(c, class_names)["mIoU"] for c in confusions]
 
 
 def search_weights(inputs, weights, targets, mode, soft_possible, class_names, out_dir, args):
     """Coordinate ascent: each input's weight in turn over SEARCH_GRID, the others held, kept where mIoU on the
-    labelled images rises; two passes. A weight of 0 leaves an input out. Prints the table, writes weights.json."""
+    labelled images rises; two passes. A weight of 0 leaves an input out. Each step scores its whole grid in one
+    pass over the images. Prints the table, writes weights.json."""
     if not args.eval or not targets:
         raise OutputError("--search-weights needs --eval and a labelled --json of images no member trained on")
     labelled = {img["file_name"] for img in load_coco(args.data_dir or inputs[0]["data_dir"], args.json,
@@ -195,25 +211,27 @@ def search_weights(inputs, weights, targets, mode, soft_possible, class_names, o
         raise OutputError(f"the inputs do not cover {len(uncovered)} labelled images of {args.json} "
                           f"({', '.join(uncovered[:5])}): predict every one with each member")
     tried = {}
-    score = lambda w: tried.setdefault(tuple(w), ensemble_miou(inputs, list(w), targets, mode, soft_possible,
-                                                               class_names))
-    best = list(weights)
+
+    def score(trials):  # scores the untried ones, in one pass
+        new = [t for t in dict.fromkeys(tuple(t) for t in trials) if t not in tried]
+        tried.update(zip(new, ensemble_mious(inputs, new, targets, mode, soft_possible, class_names)) if new else ())
+
+    best, equal = tuple(weights), (1.0,) * len(inputs)
+    score([best, equal])
     print("| " + " | ".join(str(i["path"]) for i in inputs) + " | mIoU |\n|" + "---|" * (len(inputs) + 1))
     for _ in range(2):
         for k in range(len(inputs)):
-            for value in SEARCH_GRID:
-                trial = best[:k] + [value] + best[k + 1:]
-                if sum(trial) == 0 or tuple(trial) in tried:
-                    continue
-                print("| " + " | ".join(f"{w:g}" for w in trial) + f" | {100 * score(trial):.2f} |", flush=True)
-                if score(trial) > score(best):
+            trials = [t for t in (best[:k] + (v,) + best[k + 1:] for v in SEARCH_GRID) if sum(t) > 0 and t not in tried]
+            score(trials)
+            for trial in trials:
+                print("| " + " | ".join(f"{w:g}" for w in trial) + f" | {100 * tried[trial]:.2f} |", flush=True)
+                if tried[trial] > tried[best]:
                     best = trial
-    print(f"chosen weights {best}: mIoU {100 * score(best):.2f} (equal weights: "
-          f"{100 * score([1.0] * len(inputs)):.2f})")
-    write_json(out_dir / "weights.json", {"inputs": [str(i["path"]) for i in inputs], "weights": best,
-                                          "mIoU": score(best), "json": str(args.json),
+    print(f"chosen weights {list(best)}: mIoU {100 * tried[best]:.2f} (equal weights: {100 * tried[equal]:.2f})")
+    write_json(out_dir / "weights.json", {"inputs": [str(i["path"]) for i in inputs], "weights": list(best),
+                                          "mIoU": tried[best], "json": str(args.json),
                                           "tried": [{"weights": list(w), "mIoU": m} for w, m in tried.items()]}, 1)
-    return best
+    return list(best)
 
 
 def read_weights(path):

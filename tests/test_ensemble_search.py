@@ -55,6 +55,20 @@ def test_the_search_finds_the_member_that_is_right(labelled, tmp_path, capsys):
     assert json.loads((tmp_path / "test_ens" / "predictions.json").read_text())["images"]
 
 
+def test_the_search_reads_each_image_once_per_step_not_once_per_weighting(labelled, tmp_path, monkeypatch):
+    # an out-of-fold set of the competition's size is thousands of images: a pass per weighting tried is hours
+    root, masks = labelled
+    inputs = [member(tmp_path / n, masks, n != "c", 0.6 + 0.1 * i) for i, n in enumerate("abc")]
+    reads, load = [], ensemble.load_probs
+    monkeypatch.setattr(ensemble, "load_probs", lambda *a: reads.append(a[1]) or load(*a))
+    out = tmp_path / "ens"
+    ensemble.main([*map(str, inputs), "--search-weights", "--eval", "--data-dir", str(root), "--json", "val.json",
+                   "--output-dir", str(out), "--mask-cache", "none"])
+    tried = json.loads((out / "weights.json").read_text())["tried"]
+    during_search = len(reads) - len(masks) * len(inputs)  # the chosen weights' own outputs read each image once
+    assert len(tried) > 7 and during_search <= (1 + 2 * len(inputs)) * len(masks) * len(inputs)
+
+
 def test_the_search_refuses_inputs_that_miss_labelled_images(labelled, tmp_path):
     root, masks = labelled
     partial = {"a.jpg": masks["a.jpg"]}
