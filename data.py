@@ -4,6 +4,7 @@ demo set in the competition's layout.
     python data.py --demo demo                                  # write a small synthetic data set
     python data.py --data-dir demo --json train_all.json        # check and summarise: sizes, objects, pixel shares, weights
     python data.py --data-dir demo --vis 8 --output-dir vis     # overlay PNGs
+    python data.py --data-dir data --list-images my_photos --output-json my_photos.json   # unlabeled photos -> JSON
 """
 import argparse
 import sys
@@ -144,6 +145,39 @@ def write_overlays(coco, n, out_dir, cache):
     print(f"wrote {min(n, len(coco))} overlays to {out}")
 
 
+# ----------------------------------------------------------------------------- unlabeled photos
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_images(data_dir, folder, categories_json, skip_bad=False):
+    """A COCO dict of the photos under data_dir/folder (any depth, sorted; file_name relative to data_dir), without
+    annotations and the categories of categories_json, so that predict.py (and its --pseudo labels) can take them."""
+    root = Path(data_dir)
+    if not (root / folder).is_dir():
+        raise DataError(f"{root / folder}: no such folder")
+    files = sorted(f for f in (root / folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise DataError(f"{root / folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images, problems = [], []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                width, height = im.size
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+            problems.append(f"{file}: cannot be read as an image ({type(e).__name__})")
+            continue
+        images.append({"id": len(images) + 1, "file_name": file.relative_to(root).as_posix(), "width": width,
+                       "height": height})
+    if problems and not skip_bad:
+        raise DataError(f"{len(problems)} unreadable file(s):\n  " + "\n  ".join(problems[:10]) +
+                        "\n(use --skip-bad to leave them out)")
+    for problem in problems:
+        print(f"warning: skipped {problem}")
+    categories = load_coco(data_dir, categories_json, check_files=False).extra.get("categories", [])
+    return {"images": images, "categories": categories}  # no "annotations" key: unlabeled, not all Background
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", metavar="DIR", help="write a synthetic demo data set to DIR and exit")
@@ -157,12 +191,23 @@ def main():
     p.add_argument("--vis", type=int, default=0, metavar="N", help="write N overlay PNGs to --output-dir")
     p.add_argument("--output-dir", default="vis")
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="mask cache folder, or 'none'")
+    p.add_argument("--list-images", metavar="FOLDER", help="write --output-json listing the photos in "
+                                                            "<data-dir>/FOLDER, with --json's categories")
+    p.add_argument("--output-json", metavar="FILE", help="with --list-images (default <data-dir>/FOLDER.json)")
     args = p.parse_args()
     try:
         if args.demo:
             out = make_demo(args.demo, args.num_images, max(1, args.num_images // 3), args.seed)
             print(f"wrote {args.num_images} labeled and {max(1, args.num_images // 3)} unlabeled images, "
                   f"train_all.json and test.json to {out}")
+            return
+        if args.list_images:
+            out = Path(args.output_json or Path(args.data_dir) / f"{Path(args.list_images).name}.json")
+            listed = list_images(args.data_dir, args.list_images, args.json, args.skip_bad)
+            write_json(out, listed, indent=1)
+            print(f"wrote {out}: {len(listed['images'])} images of {Path(args.data_dir) / args.list_images}, "
+                  f"{len(listed['categories'])} categories from {args.json}; predict with --data-dir "
+                  f"{args.data_dir} --json {out}")
             return
         coco = load_coco(args.data_dir, args.json, skip_bad=args.skip_bad, decode=not args.no_decode)
         print(summarize(coco))

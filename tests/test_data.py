@@ -349,3 +349,24 @@ def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
         raise ValueError(f"non-standard JSON constant {name}")
     back = json.loads((tmp_path / "m.json").read_text(), parse_constant=reject)
     assert back == {"mIoU": 0.5, "per_class": {"Glass": {"IoU": None}}, "x": [None, 1.0]}
+
+
+def test_a_folder_of_unlabeled_photos_becomes_a_json_predict_can_take(tmp_path, monkeypatch, capsys):
+    write_set(tmp_path, [("images/x.jpg", 16, 16)], [])
+    (tmp_path / "mine" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(tmp_path / "mine" / "a.jpg")
+    Image.new("RGB", (20, 10)).save(tmp_path / "mine" / "sub" / "B.PNG")
+    (tmp_path / "mine" / "notes.txt").write_text("not a photo, not listed")
+    (tmp_path / "mine" / "broken.jpg").write_bytes(b"not a jpeg")
+    argv = ["data.py", "--data-dir", str(tmp_path), "--list-images", "mine"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"(?s)1 unreadable file.*broken\.jpg: cannot be read as an image.*--skip-bad"):
+        data.main()
+    assert not (tmp_path / "mine.json").exists()
+    monkeypatch.setattr(sys, "argv", argv + ["--skip-bad"])
+    data.main()
+    assert "skipped" in capsys.readouterr().out
+    listed = load_coco(tmp_path, "mine.json", class_names=load_coco(tmp_path, "train_all.json").class_names)
+    assert not listed.labeled
+    assert [(i["file_name"], i["width"], i["height"]) for i in listed.images] == [("mine/a.jpg", 40, 30),
+                                                                                  ("mine/sub/B.PNG", 20, 10)]
