@@ -267,6 +267,7 @@ def save_drawing(draw, path, say=print):
         return
     save_picture(image, path)
 
+
 def write_vis(out_dir, items, data_dir, class_names, n):
     """Overlays of the first n items: image | prediction | ground truth (when known), with legends."""
     out_dir.mkdir(parents=True, exist_ok=True)

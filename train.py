@@ -276,8 +276,8 @@ def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log)
     class_names = saved["class_names"]
     if improved:
         write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
-        save_drawing(lambda: confusion_picture(confusion, class_names, f"epoch {epoch} (best): rows ground truth, "
-                                                                       f"% of the row"), output_dir / "confusion.png", log.print)
+        title = f"epoch {epoch} (best): rows ground truth, % of the row"
+        save_drawing(lambda: confusion_picture(confusion, class_names, title), output_dir / "confusion.png", log.print)
     save_drawing(lambda: curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png",
                  log.print)
 
