@@ -126,9 +126,9 @@ def curves_picture(records, class_names, title=""):
     vals = last_of_each(records, lambda r: r["epoch"] if "val" in r else None)
     epochs = [r["epoch"] + 1 for r in vals]
     colors = palette(class_names)
-    per_class = [(name, colors[c], epochs, [percent(r["val"]["per_class"].get(name, {}).get("IoU")) for r in vals])
-                 for c, name in enumerate(class_names)
-                 if any(nan_none(r["val"]["per_class"].get(name, {}).get("IoU")) is not None for r in vals)]
+    lines = [(name, colors[c], epochs, [percent(r["val"]["per_class"].get(name, {}).get("IoU")) for r in vals])
+             for c, name in enumerate(class_names)]
+    per_class = [line for line in lines if any(y is not None for y in line[3])]  # classes with an IoU somewhere
     # mIoU takes the black; Background (black in the palette) is drawn in tan
     iou = [("mIoU", (0, 0, 0), epochs, [100 * r["val"]["mIoU"] for r in vals])] + \
         [(n, c if c != (0, 0, 0) else (190, 150, 100), x, y) for n, c, x, y in per_class]
