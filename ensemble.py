@@ -244,8 +244,10 @@ def read_weights(path):
 def run(args):
     out_dir = Path(args.output_dir)
     paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
-    if len(paths) < 2:
-        raise OutputError(f"need at least two inputs besides {out_dir}, got {len(paths)}")
+    # one input is enough to re-threshold its pseudo labels or clean its masks without running the network again
+    if len(paths) < (1 if args.pseudo or args.min_region else 2):
+        raise OutputError(f"need at least two inputs besides {out_dir} (one with --pseudo or --min-region), "
+                          f"got {len(paths)}")
     weights = read_weights(args.weights_from) if args.weights_from else args.weights or [1.0] * len(paths)
     if len(weights) != len(paths):
         raise OutputError(f"{len(weights)} weights for {len(paths)} inputs")

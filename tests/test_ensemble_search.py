@@ -101,3 +101,16 @@ def test_min_region_cleans_the_voted_masks(labelled, tmp_path):
         ensemble.main([str(a), str(b), "--min-region", str(min_region), "--output-dir", str(out)])
     assert np.array(Image.open(tmp_path / "raw" / "masks" / "a.png"))[14, 14] == 2
     assert np.array_equal(np.array(Image.open(tmp_path / "clean" / "masks" / "a.png")), masks["a.jpg"])
+
+
+def test_one_input_is_rethresholded_for_pseudo_labels_but_not_voted_alone(labelled, tmp_path):
+    from PIL import Image
+    root, masks = labelled
+    a = member(tmp_path / "a", masks, True, 0.7)  # top probability 0.7 + 0.3 / 11
+    for threshold, kept in (("0.5", True), ("0.9", False)):
+        out = tmp_path / f"pseudo_{threshold}"
+        ensemble.main([str(a), "--pseudo", "--pseudo-threshold", threshold, "--output-dir", str(out)])
+        mask = np.array(Image.open(out / json.loads((out / "pseudo.json").read_text())["images"][1]["mask_file"]))
+        assert np.array_equal(mask, masks["b.jpg"]) if kept else (mask == 255).all()
+    with pytest.raises(SystemExit, match="need at least two inputs"):
+        ensemble.main([str(a), "--output-dir", str(tmp_path / "alone")])
