@@ -26,3 +26,30 @@ def test_regions_are_four_connected_and_per_class():
     labels = region_labels(mask)
     assert len(np.unique(labels)) == 6  # the diagonal 1s are separate; the bottom row joins the centre
     assert labels[1, 1] == labels[2, 0] == labels[2, 2] and labels[0, 0] != labels[1, 1]
+
+
+def flood_fill_labels(mask):
+    """Reference: a breadth-first fill from each pixel in flat order; a region's label is its first pixel."""
+    h, w = mask.shape
+    labels = np.full((h, w), -1)
+    for start in range(h * w):
+        if labels.flat[start] >= 0:
+            continue
+        labels.flat[start], queue = start, [divmod(start, w)]
+        while queue:
+            y, x = queue.pop()
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and labels[ny, nx] < 0 and mask[ny, nx] == mask[y, x]:
+                    labels[ny, nx] = start
+                    queue.append((ny, nx))
+    return labels
+
+
+def test_region_labels_match_a_flood_fill_on_random_masks():
+    rng = np.random.default_rng(0)
+    for shape, classes in (((17, 23), 2), ((9, 31), 3), ((30, 7), 2), ((1, 12), 2), ((12, 1), 3)):
+        mask = rng.integers(0, classes, shape).astype(np.uint8)
+        assert np.array_equal(region_labels(mask), flood_fill_labels(mask))
+    spiral = np.zeros((9, 9), np.uint8)  # one long snaking region: many propagation steps
+    spiral[1, 1:8] = spiral[1:8, 7] = spiral[7, 1:8] = spiral[3:8, 1] = spiral[3, 1:6] = spiral[3:6, 5] = 1
+    assert np.array_equal(region_labels(spiral), flood_fill_labels(spiral))
