@@ -157,7 +157,7 @@ def criterion(args, train_coco, class_names, device, log):
     if args.class_weights:
         weight = run_class_weights(args.class_weights, pixel_counts(train_coco), class_names, args.class_weight_cap)
         log.print(f"class weights ({args.class_weights}): " +
-                  ", ".join(f"{n} {w:.3f}" for n, w in zip(class_names, weight.tolist())))
+                  ", ".join(f"{n} {w:.3g}" for n, w in zip(class_names, weight.tolist())))
     return build_loss(args.loss, weight, args.focal_gamma).to(device)
 
 
