@@ -149,6 +149,25 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=
     return model.add_aux_head(num_classes) if aux else model
 
 
+def add_network_args(p):
+    """The flags that shape the network: build_model's arguments (checkpoint.NETWORK_FLAGS)."""
+    p.add_argument("--arch", default="upernet", choices=ARCHS, help="default upernet: measured best at equal "
+                   "CPU minutes (docs/results.md)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
+                   help="default: ImageNet weights that need no download (packaged)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
+    p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
+                   help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
+    p.add_argument("--decoder-convs", type=int, default=1,
+                   help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
+    p.add_argument("--tf-padding", action=argparse.BooleanOptionalAction, default=False,
+                   help="efficientnet_lite: stride-2 convs pad as TensorFlow's SAME, as its weights were trained")
+    p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width (mmseg: 512)")
+    p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
+    p.add_argument("--drop-path", type=float, help="convnext/swin stochastic depth (default: torchvision's)")
+
+
 def count_flops(model, size=512):
     """Forward FLOPs (2 x multiply-adds) measured by torch's FLOP counter on one size x size image."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -29,33 +29,12 @@ from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_sign
 from inference import autocast, validate
 from losses import WEIGHT_METHODS, build_loss, run_class_weights
 from backbones import input_normalization
-from model import ARCHS, BACKBONES, ModelError, build_model
+from model import ModelError, add_network_args, build_model
 from optim import training_state
 from outputs import Logger, WriteError, save_drawing, to_json, write_json
 from pictures import confusion_picture, curves_picture
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
-
-
-def add_network_args(p):
-    """The flags that shape the network (checkpoint.NETWORK_FLAGS, and the training-only auxiliary head)."""
-    p.add_argument("--arch", default="upernet", choices=ARCHS, help="default upernet: measured best at equal "
-                   "CPU minutes (docs/results.md)")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
-                   help="default: ImageNet weights that need no download (packaged)")
-    p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
-    p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
-                   help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")
-    p.add_argument("--decoder-convs", type=int, default=1,
-                   help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
-    p.add_argument("--tf-padding", action=argparse.BooleanOptionalAction, default=False,
-                   help="efficientnet_lite: stride-2 convs pad as TensorFlow's SAME, as its weights were trained")
-    p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width (mmseg: 512)")
-    p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
-                   help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
-    p.add_argument("--drop-path", type=float, help="convnext/swin stochastic depth (default: torchvision's)")
-    p.add_argument("--aux-weight", type=float, default=0.0,
-                   help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
 
 
 def get_args_parser():
@@ -66,6 +45,8 @@ def get_args_parser():
     p.add_argument("--train-json", help="explicit training JSON (path, or name under --data-dir)")
     p.add_argument("--val-json", help="explicit validation JSON; 'none' trains on everything without validation")
     add_network_args(p)
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
