@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from cleanup import remove_small_regions
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
-from outputs import (OutputError, csv_row, mask_name, prepare_output_dir, read_predictions, save_pseudo, write_json,
-                     write_pseudo, write_results, write_submission)
+from outputs import (PSEUDO_THRESHOLD, OutputError, csv_row, mask_name, prepare_output_dir, read_predictions,
+                     save_pseudo, write_json, write_pseudo, write_results, write_submission)
 
 
 def read_input(path):
@@ -117,8 +117,9 @@ def main(argv=None):
     p.add_argument("--min-region", type=int, default=0, metavar="N",
                    help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json from the averaged probabilities")
-    p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
-                   help="with --pseudo: pixels whose averaged top probability is below T are ignored in training")
+    p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
+                   help="with --pseudo: pixels whose averaged top probability is below T are ignored in training "
+                        "(default %(default)s; 0: every pixel)")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--eval", action="store_true", help="score against --json's annotations")
     p.add_argument("--data-dir", help="default: the one predict.py used")

@@ -24,8 +24,8 @@ from coco import IGNORE_INDEX, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from outputs import (OutputError, mask_name, prepare_output_dir, save_pseudo, write_json, write_pseudo, write_results,
-                     writing)
+from outputs import (PSEUDO_THRESHOLD, OutputError, mask_name, prepare_output_dir, save_pseudo, write_json,
+                     write_pseudo, write_results, writing)
 
 
 def prob_shape(height, width, max_side):
@@ -83,9 +83,9 @@ def get_args_parser():
     p.add_argument("--min-region", type=int, default=0, metavar="N",
                    help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json for train.py --pseudo")
-    p.add_argument("--pseudo-threshold", type=float, default=0.0, metavar="T",
+    p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
                    help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
-                        "in training; only confident pixels teach")
+                        "in training; only confident pixels teach (default %(default)s; 0: every pixel, the argmax)")
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--force", action="store_true", help="replace the outputs of an existing --output-dir")
     p.add_argument("--device")

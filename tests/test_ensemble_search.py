@@ -114,3 +114,15 @@ def test_one_input_is_rethresholded_for_pseudo_labels_but_not_voted_alone(labell
         assert np.array_equal(mask, masks["b.jpg"]) if kept else (mask == 255).all()
     with pytest.raises(SystemExit, match="need at least two inputs"):
         ensemble.main([str(a), "--output-dir", str(tmp_path / "alone")])
+
+
+def test_pseudo_labels_by_default_keep_only_pixels_at_least_90_percent_sure(labelled, tmp_path):
+    from PIL import Image
+    root, masks = labelled
+    for top, kept in ((0.85, False), (0.95, True)):  # top probability top + (1 - top) / 11: 0.864 and 0.955
+        out = tmp_path / f"pseudo_{top}"
+        ensemble.main([str(member(tmp_path / f"m{top}", masks, True, top)), "--pseudo", "--output-dir", str(out)])
+        pseudo = json.loads((out / "pseudo.json").read_text())
+        mask = np.array(Image.open(out / pseudo["images"][0]["mask_file"]))
+        assert pseudo["pseudo_threshold"] == 0.9
+        assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()
