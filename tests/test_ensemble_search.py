@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ensemble
 from conftest import CATEGORIES, square, write_set
@@ -23,6 +24,12 @@ def member(folder, labels, right, confidence):
                        "mask": f"masks/{name[:-4]}.png", "probs": f"probs/{name[:-4]}.npy"})
     (folder / "predictions.json").write_text(json.dumps({"class_names": CLASSES, "images": images}))
     return folder
+
+
+def read_pseudo(out, index):
+    """An ensemble output dir's pseudo.json, and the pseudo mask of its image `index`."""
+    pseudo = json.loads((out / "pseudo.json").read_text())
+    return pseudo, np.array(Image.open(out / pseudo["images"][index]["mask_file"]))
 
 
 @pytest.fixture
@@ -79,20 +86,17 @@ def test_the_search_refuses_inputs_that_miss_labelled_images(labelled, tmp_path)
 
 
 def test_ensemble_pseudo_labels_keep_only_confident_averaged_pixels(labelled, tmp_path):
-    from PIL import Image
     root, masks = labelled
     a, b = member(tmp_path / "a", masks, True, 0.9), member(tmp_path / "b", masks, True, 0.5)
     for threshold, kept in (("0.6", True), ("0.8", False)):  # averaged top probability: (0.925 + 0.625) / 2
         out = tmp_path / f"pseudo_{threshold}"
         ensemble.main([str(a), str(b), "--pseudo", "--pseudo-threshold", threshold, "--output-dir", str(out)])
-        pseudo = json.loads((out / "pseudo.json").read_text())
+        pseudo, mask = read_pseudo(out, 0)
         assert pseudo["pseudo_threshold"] == float(threshold) and len(pseudo["images"]) == 2
-        mask = np.array(Image.open(out / pseudo["images"][0]["mask_file"]))
         assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()
 
 
 def test_min_region_cleans_the_voted_masks(labelled, tmp_path):
-    from PIL import Image
     root, masks = labelled
     specked = {name: mask.copy() for name, mask in masks.items()}
     specked["a.jpg"][14, 14] = 2  # a one-pixel speck of Metal on the background
@@ -104,25 +108,22 @@ def test_min_region_cleans_the_voted_masks(labelled, tmp_path):
 
 
 def test_one_input_is_rethresholded_for_pseudo_labels_but_not_voted_alone(labelled, tmp_path):
-    from PIL import Image
     root, masks = labelled
     a = member(tmp_path / "a", masks, True, 0.7)  # top probability 0.7 + 0.3 / 11
     for threshold, kept in (("0.5", True), ("0.9", False)):
         out = tmp_path / f"pseudo_{threshold}"
         ensemble.main([str(a), "--pseudo", "--pseudo-threshold", threshold, "--output-dir", str(out)])
-        mask = np.array(Image.open(out / json.loads((out / "pseudo.json").read_text())["images"][1]["mask_file"]))
+        mask = read_pseudo(out, 1)[1]
         assert np.array_equal(mask, masks["b.jpg"]) if kept else (mask == 255).all()
     with pytest.raises(SystemExit, match="need at least two inputs"):
         ensemble.main([str(a), "--output-dir", str(tmp_path / "alone")])
 
 
 def test_pseudo_labels_by_default_keep_only_pixels_at_least_90_percent_sure(labelled, tmp_path):
-    from PIL import Image
     root, masks = labelled
     for top, kept in ((0.85, False), (0.95, True)):  # top probability top + (1 - top) / 11: 0.864 and 0.955
         out = tmp_path / f"pseudo_{top}"
         ensemble.main([str(member(tmp_path / f"m{top}", masks, True, top)), "--pseudo", "--output-dir", str(out)])
-        pseudo = json.loads((out / "pseudo.json").read_text())
-        mask = np.array(Image.open(out / pseudo["images"][0]["mask_file"]))
+        pseudo, mask = read_pseudo(out, 0)
         assert pseudo["pseudo_threshold"] == 0.9
         assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()
