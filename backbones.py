@@ -53,6 +53,12 @@ PACKAGED_WEIGHTS = {
                      "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
 }
 LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1), "efficientnet_lite2": (1.1, 1.2)}
+# torchvision's stochastic depth rate per family (the rate grows linearly with depth up to about this); the families
+# not listed (resnet, resnext, regnet, mobilenet) have none
+DROP_PATH_DEFAULTS = {**{f"efficientnet_b{i}": 0.2 for i in range(8)}, **{name: 0.2 for name in LITE_SCALING},
+                      "efficientnet_v2_s": 0.2, "efficientnet_v2_m": 0.2,
+                      "convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5,
+                      "swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5}
 
 
 class ModelError(ValueError):
@@ -155,17 +161,40 @@ def load_in_order(net, path, backbone):
     net.load_state_dict(dict(zip(own.keys(), state.values())), strict=True)
 
 
+def set_drop_path(net, backbone, rate):
+    """Give the network stochastic depth `rate` in torchvision's sense (its stochastic_depth_prob): every
+    StochasticDepth block's rate is scaled by rate / the family's default, which keeps torchvision's linear rise
+    with depth. Set after building, as torchvision's swin builders do not take the rate as an argument."""
+    if backbone not in DROP_PATH_DEFAULTS:
+        if rate:
+            raise ModelError(f"--drop-path {rate}: {backbone} has no stochastic depth; it applies to "
+                             f"efficientnet_b*/v2, efficientnet_lite*, convnext and swin")
+        return net
+    blocks = [m for m in net.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    for block in blocks:
+        block.p = block.p * rate / DROP_PATH_DEFAULTS[backbone]
+    return net
+
+
+def drop_path_default(backbone):
+    """torchvision's stochastic depth rate of a backbone, None for a family without it."""
+    return DROP_PATH_DEFAULTS.get(backbone)
+
+
 def classification_net(backbone, pretrained, tf_padding=False, drop_path=None):
-    """The whole classification network, with ImageNet weights when pretrained; tf_padding applies to Lite only,
-    drop_path (torchvision's stochastic_depth_prob) where given."""
+    """The whole classification network, with ImageNet weights when pretrained; tf_padding applies to Lite only;
+    drop_path: the stochastic depth rate (None: torchvision's default for the family)."""
+    net = _classification_net(backbone, pretrained, tf_padding)
+    return net if drop_path is None else set_drop_path(net, backbone, drop_path)
+
+
+def _classification_net(backbone, pretrained, tf_padding):
     if backbone in LITE_SCALING:
         net = efficientnet_lite(backbone, tf_padding)
         if pretrained:
             load_in_order(net, packaged_weights_file(backbone), backbone)
         return net
     builder = getattr(torchvision.models, backbone)
-    if drop_path is not None:
-        builder = partial(builder, stochastic_depth_prob=drop_path)
     packaged = packaged_weights_file(backbone, required=False) if pretrained and backbone in PACKAGED_WEIGHTS else None
     if not pretrained or packaged:
         net = builder(weights=None)

@@ -37,7 +37,7 @@ class Encoder(nn.Module):
             raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
         blocks, dilatable, self.nhwc = BACKBONES[backbone]
         self.backbone, self.norms = backbone, None
-        self.net = classification_net(backbone, pretrained, tf_padding, drop_path if not dilatable else None)
+        self.net = classification_net(backbone, pretrained, tf_padding, drop_path)
         for name in ("fc", "classifier", "head", "avgpool", "norm", "permute", "flatten"):
             if hasattr(self.net, name):
                 delattr(self.net, name)
@@ -131,8 +131,9 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=
                 decoder_convs=1, tf_padding=False, head_channels=512, stage_norms=False, drop_path=None, aux=False):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32.
     tf_padding: efficientnet_lite's stride-2 convs pad as TensorFlow's "SAME" (ignored by other backbones).
-    head_channels: UPerNet's width. stage_norms, drop_path (stochastic depth): convnext and swin only. aux: the
-    auxiliary FCN head, for training."""
+    head_channels: UPerNet's width. stage_norms: convnext and swin only. drop_path: stochastic depth of the
+    families that have it (backbones.DROP_PATH_DEFAULTS; None: torchvision's rate). aux: the auxiliary FCN head,
+    for training."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     if backbone not in BACKBONES:
@@ -165,7 +166,10 @@ def add_network_args(p):
     p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width (mmseg: 512)")
     p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
-    p.add_argument("--drop-path", type=float, help="convnext/swin stochastic depth (default: torchvision's)")
+    p.add_argument("--drop-path", type=float, metavar="P",
+                   help="stochastic depth rate (torchvision's stochastic_depth_prob; 0: off). Default torchvision's: "
+                        "efficientnet_b*/v2 and efficientnet_lite* 0.2, convnext_tiny/small/base 0.1/0.4/0.5, "
+                        "swin_t/s/b 0.2/0.3/0.5; resnet, regnet and mobilenet have none")
 
 
 def count_flops(model, size=512):

@@ -28,7 +28,7 @@ from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
 from inference import autocast, validate
 from losses import WEIGHT_METHODS, build_loss, run_class_weights
-from backbones import input_normalization
+from backbones import drop_path_default, input_normalization
 from model import ModelError, add_network_args, build_model
 from optim import training_state
 from outputs import Logger, WriteError, save_drawing, to_json, write_json
@@ -342,6 +342,8 @@ def run(args, given, rank, world, device):
     if args.test_only and not checkpoint:
         raise ValueError("--test-only validates a checkpoint: give it with --resume PATH")
     excluded, args.excluded = read_exclude_list(args.exclude) if args.exclude else ([], None)  # into config.json
+    if args.drop_path is None:  # the rate in effect, recorded in config.json and the checkpoint
+        args.drop_path = drop_path_default(args.backbone)
     prepare_output_dir(output_dir, args, checkpoint is not None, rank)
     log = Logger(None if args.test_only else output_dir, rank)
     # the class list comes from the training JSON (or the checkpoint); other JSONs map onto it by name

@@ -154,3 +154,45 @@ def test_channels_last_matches_contiguous():
 def test_flop_counter_measures(monkeypatch):
     net = build_model("unet", "resnet18", 3)
     assert model_module.count_flops(net, size=64) > 1e8
+
+
+def stochastic_depth_rates(model):
+    return [m.p for m in model.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "efficientnet_b0", "efficientnet_v2_s",
+                                      "convnext_tiny", "swin_t"])
+def test_drop_path_reaches_every_family_and_trains(backbone):
+    """--drop-path sets the deepest block's rate (torchvision's linear rise kept), and one training step runs:
+    swin_t once crashed here, as torchvision's swin builders pass their own stochastic_depth_prob."""
+    import backbones
+    default = stochastic_depth_rates(build_model("unet", backbone, 3))
+    rates = stochastic_depth_rates(build_model("unet", backbone, 3, drop_path=0.3))
+    assert len(rates) == len(default) > 0
+    assert rates == pytest.approx([r * 0.3 / backbones.DROP_PATH_DEFAULTS[backbone] for r in default])
+    assert 0.25 < max(rates) <= 0.3 and min(rates) < 0.05
+    model = build_model("upernet", backbone, 3, head_channels=32, drop_path=0.3, aux=True).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    logits.mean().backward()
+    assert logits.shape == (2, 3, 64, 64)
+
+
+def test_drop_path_zero_makes_training_passes_repeat():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    for rate, equal in ((0.0, True), (0.2, False)):
+        model = build_model("unet", "efficientnet_lite0", 3, drop_path=rate).train()
+        for m in model.modules():  # batch-norm statistics aside, only stochastic depth makes passes differ
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
+        torch.manual_seed(1)
+        first = model(x)
+        second = model(x)
+        assert torch.equal(first, second) == equal, rate
+
+
+def test_drop_path_on_a_family_without_it_is_a_clear_error():
+    with pytest.raises(ModelError, match="resnet18 has no stochastic depth"):
+        build_model("unet", "resnet18", 3, drop_path=0.1)
+    build_model("unet", "resnet18", 3, drop_path=0.0)  # 0 asks for nothing it lacks

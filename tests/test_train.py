@@ -353,3 +353,4 @@ def test_the_default_command_starts_from_imagenet_weights_offline(demo_dir, tmp_
     assert loaded == [backbones.packaged_weights_file(default)]
     ckpt = load(out / "last.pt")
     assert ckpt["args"]["pretrained"] and ckpt["args"]["backbone"] == default
+    assert ckpt["args"]["drop_path"] == 0.2  # the rate in effect is recorded, not "torchvision's default"
