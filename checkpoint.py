@@ -77,12 +77,49 @@ def save_checkpoint(state, path):
             raise recording.error from None
 
 
+# the first bytes of files people pass by mistake -> what they are
+FILE_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+                   b"BM": "a BMP image", b"%PDF": "a PDF document", b"\x1f\x8b": "a gzip archive"}
+
+
+def not_a_torch_file(path):
+    """None when the file starts like something torch.save writes (a zip archive, or a pickle in the legacy
+    format), else what it looks like instead."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None  # torch.load reports it
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    for signature, kind in FILE_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON or other text file"
+    text = sum(32 <= b < 127 or b in b"\t\r\n" for b in head) / len(head)
+    return "a text file" if text > 0.95 else "a file of another kind"
+
+
 def load_state_file(path, what="weights"):
-    """torch.load(..., weights_only=True) with a ModelError naming the file instead of a deep traceback."""
+    """torch.load(..., weights_only=True) with a ModelError naming the file instead of a deep traceback; a file
+    that is no checkpoint at all (an image, a JSON, an empty or cut file) is named as such."""
+    kind = not_a_torch_file(path)
+    if kind:
+        raise ModelError(f"{path}: is {kind}, not a {what} file saved by torch (train.py writes runs/<name>/best.pt "
+                         f"and last.pt)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"{path}: {what} file not found") from None
+    except RuntimeError as e:
+        if "zip archive" in str(e) or "central directory" in str(e):
+            raise ModelError(f"{path}: is cut short or damaged (its zip archive cannot be read: {str(e).split('. ')[0]}); it is not a "
+                             f"complete {what} file. A run's last.pt is written atomically: use it or another "
+                             f"checkpoint") from None
+        raise ModelError(f"{path}: cannot load {what} ({e.__class__.__name__}: {e})") from None
     except pickle.UnpicklingError:
         raise ModelError(
             f"{path}: refused as unsafe: the file holds Python objects other than tensors and plain data, and "
@@ -128,8 +165,9 @@ def restore_flags(args, saved, given, path):
 def resume_from(args, given, rank):
     """The checkpoint to resume (or None) and its folder; args take the checkpoint's flags (restore_flags)."""
     path = Path(args.resume) if args.resume and args.resume != "auto" else None
-    output_dir = Path(args.output_dir or (path.parent if path else
-                                          Path("runs") / f"{args.arch}_{args.backbone}_fold{args.fold}"))
+    # an explicit --train-json names the run after it, so that training on train.json does not meet fold 0's run
+    split = Path(args.train_json).stem if args.train_json else f"fold{args.fold}"
+    output_dir = Path(args.output_dir or (path.parent if path else Path("runs") / f"{args.arch}_{args.backbone}_{split}"))
     if args.resume == "auto":
         path = output_dir / "last.pt"
     if not path:

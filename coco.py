@@ -9,6 +9,7 @@ import colorsys
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,18 @@ COMPETITION_COLORS = [(0, 0, 0)] + DISTINCT_COLORS[:10]
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file (and image or annotation) and the problem."""
+    """Bad input data: the message names the file (and image or annotation) and the problem.
+
+    torch's DataLoader raises a worker's exception again in the main process as the same class, with the worker's
+    whole traceback as the message ("Caught DataError in DataLoader worker process 0. Original Traceback ...");
+    only the original message is kept, so a photo that fails to decode in a worker reads as it does without one."""
+
+    def __init__(self, message=""):
+        found = _WORKER_TRACEBACK.search(message) if message.startswith("Caught DataError") else None
+        super().__init__(found.group(1).rstrip("\n") if found else message)
+
+
+_WORKER_TRACEBACK = re.compile(r"\n(?:[\w.]+\.)?DataError: (.*)\Z", re.S)
 
 
 # ----------------------------------------------------------------------------- classes and palette
@@ -159,7 +171,7 @@ def load_coco(data_dir, json_name, class_names=None, skip_bad=False, check_files
     path = resolve_json(data_dir, json_name)
     raw = read_json(path)
     cat_to_class, class_names = category_map(path, raw, class_names)
-    problems = []
+    problems, skipped = [], []
     images, seen = [], set()
     for i, img in enumerate(raw["images"]):
         missing = [k for k in ("id", "file_name", "width", "height") if k not in img]
@@ -173,6 +185,7 @@ def load_coco(data_dir, json_name, class_names=None, skip_bad=False, check_files
         msg = check_image_file(Path(data_dir) / img["file_name"], img, decode) if check_files else None
         if msg:
             problems.append(msg)
+            skipped.append((i, img, msg))
             continue
         images.append(img)
     kept_ids = {img["id"] for img in images}
@@ -196,7 +209,9 @@ def load_coco(data_dir, json_name, class_names=None, skip_bad=False, check_files
         warnings.warn(f"{path}: skipping {len(problems)} bad entries:\n  {shown}", stacklevel=2)
     labeled = "annotations" in raw or bool(images) and all("mask_file" in img for img in images)
     extra = {k: v for k, v in raw.items() if k not in ("images", "annotations")}
-    return CocoSet(data_dir, path, images, anns_by_image, cat_to_class, class_names, labeled, extra)
+    coco = CocoSet(data_dir, path, images, anns_by_image, cat_to_class, class_names, labeled, extra)
+    coco.skipped_files = skipped  # (index in the JSON, image entry, problem) of the photos dropped by skip_bad
+    return coco
 
 
 def check_image_file(file, img, decode=False):

@@ -184,7 +184,8 @@ class CopyPaste:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Labeled JSON: (image float CHW normalised, mask int64 HW, meta). Unlabeled: (image, meta).
     meta = {file_name, image_id, height, width} of the original image. mask_cache: a folder, 'none' or None;
-    normalization: {mean, std} (backbones.input_normalization)."""
+    normalization: {mean, std} (backbones.input_normalization). skip_bad: False raises on a bad sample, True takes
+    the next good one instead, "placeholder" returns a blank item whose meta["bad"] says what is wrong."""
 
     def __init__(self, coco, img_size=512, aug="none", mask_cache=None, copy_paste=None, skip_bad=False,
                  full_mask=False, with_masks=True, orientation="upright", normalization=IMAGENET_NORMALIZATION):
@@ -213,6 +214,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
             return image, None
         return image, torch.from_numpy(load_mask(self.coco, index, self.cache))
 
+    def placeholder(self, index, problem):
+        """predict.py --skip-bad: a photo that cannot be read still yields an item (a blank image, its meta marked
+        with the problem), so that its row is kept and marked instead of dropped."""
+        img = self.coco.images[index]
+        size = self.transform(tv_tensors.Image(torch.zeros(3, img["height"], img["width"], dtype=torch.uint8)))
+        meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"],
+                "bad": problem}
+        return (size.as_subclass(torch.Tensor).float(), meta) if not self.labeled else \
+            (size.as_subclass(torch.Tensor).float(), None, meta)
+
     def load_named(self, index):
         """load(index), with any failure turned into a DataError that names the sample."""
         try:
@@ -230,6 +241,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 image, mask = self.load_named(index)
                 break
             except DataError as e:
+                if self.skip_bad == "placeholder":
+                    return self.placeholder(index, str(e))
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"skipping bad sample: {e}")

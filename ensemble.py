@@ -1,9 +1,9 @@
 """Combine predictions of several runs (predict.py output dirs, or bare submission CSVs) into one.
 
-    python ensemble.py preds/* --output-dir preds/ensemble
+    python ensemble.py preds/* --output-dir ensembles/soft
     python ensemble.py preds/a preds/b --weights 2 1 --mode hard --eval --data-dir data --json val.json
-    python ensemble.py oof/a oof/b --search-weights --eval --json folds/val_fold0.json --output-dir preds/oof_ens
-    python ensemble.py preds/a preds/b --weights-from preds/oof_ens/weights.json   # the chosen weights on test
+    python ensemble.py oof/a oof/b --search-weights --eval --json folds/val_fold0.json --output-dir ensembles/oof
+    python ensemble.py preds/a preds/b --weights-from ensembles/oof/weights.json   # the chosen weights on test
 
 Soft voting (default when every input has probs/): the weighted average of the class probabilities, resized to
 each image's size, then argmax. Hard voting (--mode hard, or when an input has no probs): per pixel, the class with
@@ -107,7 +107,8 @@ def hard_vote(masks, weights, num_classes, tie_scores=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="predict.py output dirs, or submission CSVs")
-    p.add_argument("--output-dir", default="preds/ensemble")
+    p.add_argument("--output-dir", default="ensembles/ensemble",
+                   help="default ensembles/ensemble: outside preds/, so that preds/* stays the members")
     p.add_argument("--mode", choices=("soft", "hard"), help="default: soft when every input has probs/")
     p.add_argument("--weights", type=float, nargs="+", help="one per input (default all 1)")
     p.add_argument("--search-weights", action="store_true",

@@ -153,6 +153,13 @@ def main():
             # only what the loader accepted: with --skip-bad, dropped images and annotations stay out of the folds
             write_json(out_dir / f"train_fold{f}.json", coco.to_dict(ids[folds != f].tolist()))
             write_json(out_dir / f"val_fold{f}.json", coco.to_dict(ids[folds == f].tolist()))
+        # fold files of an earlier, larger k would be taken for folds of this split (cv.py runs every val_fold<i>)
+        stale = [p for p in out_dir.glob("*_fold*.json") if p.stem.split("_fold")[0] in ("train", "val")
+                 and p.stem.split("_fold")[1].isdigit() and int(p.stem.split("_fold")[1]) >= args.k]
+        for path in stale:
+            path.unlink()
+        if stale:
+            print(f"removed {len(stale)} fold files of an earlier split with more folds from {out_dir}")
     except (WriteError, OSError) as e:
         sys.exit(f"error: {e} (the data root may be read-only: --output-dir elsewhere)")
     print(f"{coco.json_path}: {len(ids)} images in {len(set(groups))} groups -> {args.k} folds in {out_dir}")

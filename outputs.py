@@ -245,7 +245,7 @@ def write_pseudo(out_dir, class_names, manifest, threshold, kept):
     share of each class's predicted pixels kept at the threshold."""
     categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
     images = [{"id": i + 1, "file_name": e["file_name"], "width": e["width"], "height": e["height"],
-               "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest)]
+               "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest) if "pseudo_mask" in e]  # not placeholders
     write_json(out_dir / "pseudo.json", {"images": images, "categories": categories,
                                          "pseudo_threshold": threshold})
     shares = [f"{n} {100 * int(k) / int(p):.0f}% of {int(p):,}" for n, (p, k) in zip(class_names, kept.tolist())
@@ -296,9 +296,10 @@ def write_vis(out_dir, items, data_dir, class_names, n):
 
 # ----------------------------------------------------------------------------- everything from per-image results
 
-def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labeled, extra=None):
+def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labeled, extra=None, placeholders=()):
     """From per-image results [(file_name, pred mask, target mask or None[, loss])]: submission CSV, mask PNGs, and
-    when labeled metrics.json and per_image.csv; overlays of `vis` images (worst first when labeled)."""
+    when labeled metrics.json and per_image.csv; overlays of `vis` images (worst first when labeled). placeholders:
+    file_names of photos that could not be read: their rows and masks are written, nothing else."""
     rows, per_image, vis_items = [], [], []
     num_classes = len(class_names)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -310,7 +311,8 @@ def write_results(out_dir, class_names, results, data_dir, csv_size, vis, labele
             confusion += confusion_matrix(pred, target, num_classes)
             ious, score = per_image_iou(pred, target, num_classes)
             per_image.append((file_name, ious, score, loss[0] if loss else None))
-        vis_items.append((file_name, pred, target, score))
+        if file_name not in placeholders:
+            vis_items.append((file_name, pred, target, score))
     write_submission(out_dir / "submission.csv", rows)
     metrics = None
     if labeled:

@@ -6,12 +6,13 @@ ensembling, overlays, metrics, pseudo labels.
     python predict.py --ckpt runs/x/best.pt --json test.json --pseudo --output-dir preds/pseudo   # for train.py --pseudo
     python predict.py --ckpt model.pt2 --json test.json --tta     # an export.py program, without the model code
 
-Output dir (default preds/<run name>): submission.csv, masks/ (palette PNGs, pixel value = class id, original
+Output dir (default preds/<run name>; preds/<run name>_<json name> for another JSON than test.json): submission.csv, masks/ (palette PNGs, pixel value = class id, original
 size), probs/ (float16 class probabilities, .npy, at each image's own size unless --prob-size caps the longer
 side), predictions.json (what ensemble.py reads; keys in outputs.py), and with --eval metrics.json +
 per_image.csv, with --vis N vis/, with --pseudo pseudo.json.
 """
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from cleanup import remove_small_regions
-from coco import IGNORE_INDEX, default_cache_dir, load_coco
+from coco import IGNORE_INDEX, DataError, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
@@ -37,12 +38,22 @@ def prob_shape(height, width, max_side):
 
 
 def find_checkpoint():
-    found = sorted(Path("runs").glob("*/best.pt"))
-    if len(found) == 1:
-        return found[0]
+    """The newest runs/*/best.pt (the run just trained), named on the screen."""
+    found = sorted(Path("runs").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise OutputError("no runs/*/best.pt found; give --ckpt")
-    raise OutputError(f"{len(found)} runs have a best.pt ({', '.join(map(str, found[:5]))}); choose one with --ckpt")
+    if len(found) > 1:
+        print(f"--ckpt not given: using the newest of {len(found)} runs/*/best.pt, {found[-1]} (give --ckpt to "
+              f"choose another)")
+    return found[-1]
+
+
+def default_output_dir(ckpt_path, json_name):
+    """preds/<run> for the test set, preds/<run>_<json> for any other JSON: predicting a run's validation fold after
+    its test set (as README does) must not meet the test predictions' folder."""
+    run = ckpt_path.parent.name if ckpt_path.suffix != ".pt2" else ckpt_path.stem
+    stem = Path(json_name).stem
+    return Path("preds") / (run if stem == "test" else f"{run}_{stem}")
 
 
 def load_network(path, device, channels_last):
@@ -61,10 +72,11 @@ def load_network(path, device, channels_last):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="a train.py checkpoint or an export.py .pt2 (default: the only runs/*/best.pt)")
+    p.add_argument("--ckpt", help="a train.py checkpoint or an export.py .pt2 (default: the newest runs/*/best.pt)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--json", default="test.json")
-    p.add_argument("--output-dir", help="default preds/<run name>")
+    p.add_argument("--output-dir", help="default preds/<run name>, or preds/<run name>_<json name> for a JSON other "
+                                        "than test.json")
     p.add_argument("--img-size", type=int, help="default: the training size")
     p.add_argument("-b", "--batch-size", type=int, default=8)
     p.add_argument("-j", "--workers", type=int, default=2)
@@ -86,6 +98,9 @@ def get_args_parser():
     p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
                    help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
                         "in training; only confident pixels teach (default %(default)s; 0: every pixel, the argmax)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="photos that cannot be read (missing, damaged, mis-sized) get a placeholder: an all-Background "
+                        "row in submission.csv and mask, marked in predictions.json; --eval scores the rest")
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--force", action="store_true", help="replace the outputs of an existing --output-dir")
     p.add_argument("--device")
@@ -126,6 +141,9 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
         for (full, pred), mask, meta in zip(per_image, masks, metas):
             entry = {"file_name": meta["file_name"], "height": meta["height"], "width": meta["width"],
                      "mask": mask_name(meta["file_name"])}
+            if "bad" in meta:  # --skip-bad: a photo that failed to decode in the loader
+                manifest.append(placeholder(entry, meta["bad"], results))
+                continue
             if not args.no_probs:
                 entry["probs"] = save_probs(out_dir, meta, full, args.prob_size)
             if args.pseudo:
@@ -138,6 +156,37 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
     return manifest, results, model_seconds, kept
 
 
+def placeholder(entry, problem, results):
+    """A photo that cannot be read: an all-Background mask at its size, no probabilities; marked in the manifest."""
+    print(f"warning: {problem}: placeholder prediction (all Background)", file=sys.stderr, flush=True)
+    results.append((entry["file_name"], np.zeros((entry["height"], entry["width"]), np.uint8), None, None))
+    return dict(entry, skipped=problem)
+
+
+def add_unread_photos(coco, manifest, results):
+    """Placeholders, in the JSON's order, for the photos load_coco dropped (--skip-bad): missing, unreadable, of
+    another size than the JSON says. Returns every placeholder's file_name."""
+    for index, img, problem in coco.skipped_files:
+        entry = {"file_name": img["file_name"], "height": img["height"], "width": img["width"],
+                 "mask": mask_name(img["file_name"])}
+        at = min(index, len(manifest))
+        manifest.insert(at, placeholder(entry, problem, results))
+        results.insert(at, results.pop())
+    return [entry["file_name"] for entry in manifest if "skipped" in entry]
+
+
+def predict_or_clean_up(model, loader, out_dir, img_size, flips, args, device, class_names):
+    """predict_set; when a photo cannot be read (without --skip-bad), the probabilities and pseudo masks written so
+    far are removed, so that the folder holds no half-made prediction, and the error says what to do."""
+    try:
+        return predict_set(model, loader, out_dir, img_size, flips, args, device, class_names)
+    except DataError as e:
+        for part in ("probs", "pseudo_masks"):
+            shutil.rmtree(out_dir / part, ignore_errors=True)
+        raise DataError(f"{e}\nnothing was written to {out_dir}; predict.py --skip-bad predicts the other photos and "
+                        f"gives this one a placeholder row (all Background)") from None
+
+
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
@@ -145,31 +194,37 @@ def run(args):
     class_names, normalization, orientation = info["class_names"], info["normalization"], info["orientation"]
     flips = tta_flips(args.tta, orientation)
     img_size = args.img_size or info["img_size"]
-    coco = load_coco(args.data_dir, args.json, class_names=class_names)
+    coco = load_coco(args.data_dir, args.json, class_names=class_names, skip_bad=args.skip_bad)
     if args.eval and not coco.labeled:
         raise OutputError(f"{coco.json_path}: --eval needs annotations, and this JSON has none")
-    out_dir = prepare_output_dir(args.output_dir or Path("preds") / ckpt_path.parent.name, args.force)
+    out_dir = prepare_output_dir(args.output_dir or default_output_dir(ckpt_path, args.json), args.force)
     dataset = SegmentationDataset(coco, img_size, "none", mask_cache=args.mask_cache, full_mask=True,
-                                  with_masks=args.eval, normalization=normalization)
+                                  with_masks=args.eval, normalization=normalization,
+                                  skip_bad="placeholder" if args.skip_bad else False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate_full_masks)
     print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({info['arch']}/"
           f"{info['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
           f"scales {args.scales}) -> {out_dir}")
     t0 = time.perf_counter()
-    manifest, results, model_seconds, kept = predict_set(model, loader, out_dir, img_size, flips, args, device,
-                                                         class_names)
+    manifest, results, model_seconds, kept = predict_or_clean_up(model, loader, out_dir, img_size, flips, args,
+                                                                 device, class_names)
+    unread = add_unread_photos(coco, manifest, results)
     seconds = time.perf_counter() - t0
     timing = {"images": len(coco), "seconds": seconds, "seconds_per_image": seconds / max(len(coco), 1),
               "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales}
     write_results(out_dir, class_names, results, args.data_dir, args.csv_size, args.vis, args.eval,
-                  {"timing": timing})
+                  {"timing": timing, "placeholders": unread}, placeholders=set(unread))
     write_json(out_dir / "predictions.json", {"class_names": class_names, "checkpoint": str(ckpt_path),
                                               "json": str(coco.json_path), "data_dir": str(args.data_dir),
                                               "prob_size": None if args.no_probs else args.prob_size,
                                               "timing": timing, "images": manifest})
     if args.pseudo:
         write_pseudo(out_dir, class_names, manifest, args.pseudo_threshold, kept)
+    if unread:
+        print(f"warning: {len(unread)} of {len(manifest)} rows of submission.csv are placeholders (all Background) "
+              f"for photos that could not be read: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}"
+              + (f"; --eval scored the other {len(manifest) - len(unread)}" if args.eval else ""), file=sys.stderr)
     print(f"{len(coco)} images in {seconds:.1f} s ({timing['seconds_per_image']:.3f} s/image, model "
           f"{timing['model_seconds_per_image']:.3f} s/image); wrote {out_dir / 'submission.csv'}")
 

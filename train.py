@@ -87,7 +87,8 @@ def get_args_parser():
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="ImageNet weights for the backbone, offline for efficientnet_lite0/1/2 (--no-pretrained: scratch)")
     p.add_argument("--weights", metavar="FILE", help="local weights: a backbone or whole-model state dict")
-    p.add_argument("--output-dir", help="default runs/<arch>_<backbone>_fold<k>")
+    p.add_argument("--output-dir", help="default runs/<arch>_<backbone>_fold<k> (with --train-json: "
+                                        "runs/<arch>_<backbone>_<its name>)")
     p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
                    help="continue from PATH, or from <output-dir>/last.pt without one")
     p.add_argument("--force", action="store_true", help="start afresh in an output dir that holds a run")
