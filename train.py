@@ -278,7 +278,10 @@ def one_epoch(epoch, parts, run, args, log):
             save_checkpoint(saved, output_dir / "nan_stop.pt")
         raise ValueError(f"{run['bad_steps']} non-finite losses in a row at epoch {epoch}: lower --lr, check the "
                          f"data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}") from None
-    log.log({"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate})
+    record = {"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate}
+    if device.type == "cuda":  # what a GPU user sizes the batch by
+        record["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    log.log(record)
     metrics, confusion, improved = None, None, False
     if parts["val_loader"] and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
         metrics, confusion = validate(parts["forward_model"], parts["val_loader"], parts["data"]["class_names"],
