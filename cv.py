@@ -160,7 +160,7 @@ def fold_record(i, out, folds_dir):
 
 
 def mean_sd(values):
-    values = [v for v in values if v == v]  # a class absent from a fold (NaN) does not count
+    values = [v for v in values if v is not None and v == v]  # a class absent from a fold (null, NaN) does not count
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -180,7 +180,7 @@ def summary(folds):
 
 
 def pct(x):
-    return "-" if x != x else f"{100 * x:.2f}"
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
 
 
 def print_table(folds, total):

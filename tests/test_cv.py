@@ -126,8 +126,11 @@ def test_compare_pairs_by_fold(tmp_path, capsys):
 def test_out_of_fold_miou_comes_from_the_summed_confusion():
     names = ["Background", "A"]
     # fold 0: A perfect on a small area; fold 1: A all wrong on a large area
-    f0 = {"mIoU": 1.0, "train_minutes": 1, "IoU": {"Background": 1.0, "A": 1.0}, "confusion": [[90, 0], [0, 10]]}
-    f1 = {"mIoU": 0.45, "train_minutes": 3, "IoU": {"Background": 0.9, "A": 0.0}, "confusion": [[60, 0], [40, 0]]}
+    f0 = {"fold": 0, "mIoU": 1.0, "train_minutes": 1, "IoU": {"Background": 1.0, "A": 1.0}, "confusion": [[90, 0], [0, 10]]}
+    f1 = {"fold": 1, "mIoU": 0.45, "train_minutes": 3, "IoU": {"Background": 0.9, "A": 0.0}, "confusion": [[60, 0], [40, 0]]}
+    absent = {"fold": 2, "mIoU": 0.8, "train_minutes": 2, "IoU": {"Background": 0.8, "A": None}, "confusion": [[10, 0], [0, 0]]}
+    assert cv.summary([f0, absent])["mean"]["IoU"]["A"] == (1.0, 0.0)  # metrics.json writes an absent class as null
+    cv.print_table([f0, absent], cv.summary([f0, absent]))
     total = cv.summary([f0, f1])
     assert total["mean"]["mIoU"][0] == pytest.approx(0.725)
     assert total["oof"]["IoU"]["A"] == pytest.approx(10 / 50)  # tp 10, gt 50, pred 10
