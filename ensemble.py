@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from cleanup import remove_small_regions
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
-from outputs import (PSEUDO_THRESHOLD, OutputError, csv_row, mask_name, prepare_output_dir, read_predictions,
-                     save_pseudo, write_json, write_pseudo, write_results, write_submission)
+from outputs import (CONFIDENCE_BINS, PSEUDO_THRESHOLD, OutputError, add_confidences, balanced_thresholds, csv_row,
+                     mask_name, prepare_output_dir, read_predictions, save_pseudo, write_json, write_pseudo,
+                     write_results, write_submission)
 
 
 def read_input(path):
@@ -121,6 +122,9 @@ def main(argv=None):
     p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
                    help="with --pseudo: pixels whose averaged top probability is below T are ignored in training "
                         "(default %(default)s; 0: every pixel)")
+    p.add_argument("--pseudo-balance", type=float, metavar="P",
+                   help="with --pseudo: class-balanced selection in place of --pseudo-threshold: each predicted "
+                        "class keeps its P%% most confident pixels over all images (one threshold per class)")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--eval", action="store_true", help="score against --json's annotations")
     p.add_argument("--data-dir", help="default: the one predict.py used")
@@ -243,6 +247,24 @@ def read_weights(path):
         raise OutputError(f"{path}: not a weights.json of ensemble.py --search-weights ({e})") from None
 
 
+def pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args):
+    """--pseudo-threshold, or with --pseudo-balance one threshold per class from a first pass over every image's
+    averaged probabilities."""
+    if args.pseudo_balance is None:
+        return args.pseudo_threshold
+    if not 0 < args.pseudo_balance <= 100:
+        raise OutputError(f"--pseudo-balance {args.pseudo_balance}: give the share of each class to keep, in "
+                          f"percent (0 < P <= 100)")
+    histogram = torch.zeros(len(class_names), CONFIDENCE_BINS, dtype=torch.int64)
+    for name in inputs[0]["order"]:
+        probs = vote_image(inputs, weights, name, mode, soft_possible, len(class_names), with_probs=True)[1]
+        add_confidences(probs, histogram)
+    thresholds = balanced_thresholds(histogram, args.pseudo_balance / 100)
+    print(f"class-balanced pseudo labels ({args.pseudo_balance:g}% of each class): thresholds " +
+          ", ".join(f"{n} {float(t):.3f}" for n, t, c in zip(class_names, thresholds, histogram.sum(1)) if c > 0))
+    return thresholds
+
+
 def run(args):
     out_dir = Path(args.output_dir)
     paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
@@ -271,6 +293,7 @@ def run(args):
         weights = search_weights(inputs, weights, targets, mode, soft_possible, class_names, out_dir, args)
     if args.pseudo and not soft_possible:
         raise OutputError("--pseudo needs probs/ in every input: pseudo labels come from the averaged probabilities")
+    threshold = pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args) if args.pseudo else None
     results, manifest = [], []
     kept = torch.zeros(len(class_names), 2, dtype=torch.int64)
     for name in first["order"]:
@@ -279,13 +302,13 @@ def run(args):
         manifest.append({"file_name": name, "height": first["images"][name]["height"],
                          "width": first["images"][name]["width"], "mask": mask_name(name)})
         if args.pseudo:
-            manifest[-1]["pseudo_mask"] = save_pseudo(out_dir, name, probs, args.pseudo_threshold, class_names, kept)
+            manifest[-1]["pseudo_mask"] = save_pseudo(out_dir, name, probs, threshold, class_names, kept)
     write_results(out_dir, class_names, results, data_dir, args.csv_size, args.vis, bool(args.eval),
                   {"inputs": [str(p) for p in paths], "weights": weights, "mode": mode})
     write_json(out_dir / "predictions.json", {"class_names": class_names, "data_dir": data_dir, "mode": mode,
                                               "inputs": [str(p) for p in paths], "images": manifest})
     if args.pseudo:
-        write_pseudo(out_dir, class_names, manifest, args.pseudo_threshold, kept)
+        write_pseudo(out_dir, class_names, manifest, threshold, kept)
     print(f"wrote {out_dir / 'submission.csv'} ({len(results)} rows)")
 
 

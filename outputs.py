@@ -221,11 +221,37 @@ PSEUDO_THRESHOLD = 0.9
 
 
 def pseudo_mask(probs, threshold):
-    """uint8 class ids of a (C, H, W) probability map, IGNORE_INDEX where the top probability is below threshold."""
+    """uint8 class ids of a (C, H, W) probability map, IGNORE_INDEX where the top probability is below threshold:
+    one number, or a (C,) tensor of one threshold per predicted class (balanced_thresholds)."""
     confidence, mask = probs.max(0)
+    limit = threshold.to(probs.device)[mask] if torch.is_tensor(threshold) else threshold
     mask = mask.to(torch.uint8)
-    mask[confidence < threshold] = IGNORE_INDEX
+    mask[confidence < limit] = IGNORE_INDEX
     return mask
+
+
+CONFIDENCE_BINS = 1000
+
+
+def add_confidences(probs, histogram):
+    """Count a (C, H, W) map's pixels into histogram (C, CONFIDENCE_BINS): per predicted class, per top probability."""
+    classes = histogram.shape[0]
+    confidence, predicted = probs.float().max(0)
+    bins = (confidence * CONFIDENCE_BINS).long().clamp(0, CONFIDENCE_BINS - 1)
+    histogram += torch.bincount((predicted * CONFIDENCE_BINS + bins).flatten().cpu(),
+                                minlength=classes * CONFIDENCE_BINS).view(classes, CONFIDENCE_BINS)
+
+
+def balanced_thresholds(histogram, share):
+    """Class-balanced self-training (Zou et al., ECCV 2018): per predicted class, the top probability above which
+    lie its `share` most confident pixels over every pseudo-labelled image, so that a confusable class (low
+    confidences) keeps as large a share as an easy one. A class never predicted gets 1.0 (nothing to keep)."""
+    at_or_above = histogram.flip(1).cumsum(1).flip(1)  # pixels whose confidence is in this bin or a higher one
+    reached = at_or_above >= share * histogram.sum(1, keepdim=True)
+    highest = reached.sum(1) - 1  # at_or_above falls with the bin, so the bins that reach the share come first
+    thresholds = highest.double() / CONFIDENCE_BINS
+    thresholds[histogram.sum(1) == 0] = 1.0
+    return thresholds
 
 
 def save_pseudo(out_dir, file_name, probs, threshold, class_names, kept):
@@ -240,17 +266,19 @@ def save_pseudo(out_dir, file_name, probs, threshold, class_names, kept):
     return name
 
 
-def write_pseudo(out_dir, class_names, manifest, threshold, kept):
+def write_pseudo(out_dir, class_names, manifest, threshold, kept):  # threshold: a number, or one per class
     """pseudo.json: the predicted images as a labeled COCO file whose masks are the pseudo-label PNGs; prints the
     share of each class's predicted pixels kept at the threshold."""
     categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
     images = [{"id": i + 1, "file_name": e["file_name"], "width": e["width"], "height": e["height"],
                "mask_file": e["pseudo_mask"]} for i, e in enumerate(manifest) if "pseudo_mask" in e]  # not placeholders
+    if torch.is_tensor(threshold):
+        threshold = {name: round(float(t), 4) for name, t in zip(class_names, threshold)}
     write_json(out_dir / "pseudo.json", {"images": images, "categories": categories,
                                          "pseudo_threshold": threshold})
     shares = [f"{n} {100 * int(k) / int(p):.0f}% of {int(p):,}" for n, (p, k) in zip(class_names, kept.tolist())
               if p > 0]
-    print(f"pseudo labels (threshold {threshold}): kept {100 * int(kept[:, 1].sum()) / max(int(kept[:, 0].sum()), 1):.1f}% "
+    print(f"pseudo labels (threshold {'one per class' if isinstance(threshold, dict) else threshold}): kept {100 * int(kept[:, 1].sum()) / max(int(kept[:, 0].sum()), 1):.1f}% "
           f"of the pixels; per predicted class: {', '.join(shares)}")
 
 

@@ -1,0 +1,67 @@
+"""Class-balanced pseudo labels (ensemble.py --pseudo --pseudo-balance P): every predicted class keeps its P% most
+confident pixels, so a rare, confusable class keeps as large a share as a frequent, easy one."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ensemble
+from outputs import CONFIDENCE_BINS, add_confidences, balanced_thresholds, pseudo_mask
+
+CLASSES = ["Background", "Paper", "Glass"]
+
+
+def hand_made_probs(rng):
+    """(3, 40, 40): Paper on the left 30 columns, sure (0.95-0.99); Glass on the right 10, unsure (0.40-0.60)."""
+    top = np.empty((40, 40))
+    top[:, :30] = rng.uniform(0.95, 0.99, (40, 30))
+    top[:, 30:] = rng.uniform(0.40, 0.60, (40, 10))
+    winner = np.ones((40, 40), np.int64)
+    winner[:, 30:] = 2
+    probs = np.empty((3, 40, 40))
+    for c in range(3):
+        probs[c] = np.where(winner == c, top, (1 - top) / 2)
+    return torch.from_numpy(probs).float(), winner
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5, 0.8])
+def test_each_class_keeps_the_same_share(share):
+    probs, winner = hand_made_probs(np.random.default_rng(0))
+    histogram = torch.zeros(3, CONFIDENCE_BINS, dtype=torch.int64)
+    add_confidences(probs, histogram)
+    assert histogram.sum(1).tolist() == [0, 1200, 400]
+    thresholds = balanced_thresholds(histogram, share)
+    assert thresholds[0] == 1.0  # never predicted
+    mask = pseudo_mask(probs, thresholds).numpy()
+    for c, total in ((1, 1200), (2, 400)):
+        kept = ((mask == c) & (winner == c)).sum() / total
+        assert share <= kept <= share + 0.02, (c, kept)
+    # one global threshold instead starves the unsure class
+    global_mask = pseudo_mask(probs, 0.9).numpy()
+    assert (global_mask == 1).mean() > 0.7 and (global_mask == 2).sum() == 0
+
+
+def test_ensemble_writes_balanced_pseudo_labels(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    folder, images = tmp_path / "member", []
+    (folder / "probs").mkdir(parents=True)
+    for name in ("a", "b"):
+        probs, _ = hand_made_probs(rng)
+        np.save(folder / "probs" / f"{name}.npy", probs.numpy().astype(np.float16))
+        images.append({"file_name": f"{name}.jpg", "height": 40, "width": 40, "mask": f"masks/{name}.png",
+                       "probs": f"probs/{name}.npy"})
+    (folder / "predictions.json").write_text(json.dumps({"class_names": CLASSES, "images": images}))
+    out = tmp_path / "pseudo"
+    ensemble.main([str(folder), "--pseudo", "--pseudo-balance", "50", "--output-dir", str(out)])
+    pseudo = json.loads((out / "pseudo.json").read_text())
+    assert set(pseudo["pseudo_threshold"]) == set(CLASSES)
+    assert 0.4 < pseudo["pseudo_threshold"]["Glass"] < 0.6 < 0.95 < pseudo["pseudo_threshold"]["Paper"]
+    kept = [np.array(Image.open(out / image["mask_file"])) for image in pseudo["images"]]
+    paper = sum(((m[:, :30] == 1).sum() for m in kept)) / 2400
+    glass = sum(((m[:, 30:] == 2).sum() for m in kept)) / 800
+    assert 0.5 <= paper <= 0.52 and 0.5 <= glass <= 0.52
+    assert "class-balanced" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="in percent"):
+        ensemble.main([str(folder), "--pseudo", "--pseudo-balance", "0", "--output-dir", str(tmp_path / "x")])
