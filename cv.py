@@ -12,6 +12,7 @@ The out-of-fold predictions come from each fold's last.pt: best.pt's epoch was c
 scored on, which flatters it (--checkpoint best to use it anyway).
 """
 import argparse
+import ctypes
 import hashlib
 import json
 import shlex
@@ -88,11 +89,21 @@ def val_photos_digest(path):
     return hashlib.sha1("\n".join(names).encode()).hexdigest()
 
 
+def stop_with_parent():
+    """In the child, before it runs (Linux): SIGTERM when cv.py dies, even by kill -9, so that no training goes on
+    unseen in a fold that the next cv.py would resume; train.py then stops at its next step."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the child outlives a killed cv.py
+
+
 def run_child(cmd, what):
     """Run train.py or predict.py. The child has its own session, so Ctrl-C reaches only cv.py, which passes each
     stop signal on exactly once: the first stops training after its step, a second at once, as in train.py."""
     print("+ " + shlex.join(str(c) for c in cmd), flush=True)
-    child = subprocess.Popen([str(c) for c in cmd], start_new_session=True)
+    child = subprocess.Popen([str(c) for c in cmd], start_new_session=True,
+                             preexec_fn=stop_with_parent if sys.platform.startswith("linux") else None)
     previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
