@@ -136,3 +136,23 @@ def test_out_of_fold_miou_comes_from_the_summed_confusion():
     assert total["oof"]["IoU"]["A"] == pytest.approx(10 / 50)  # tp 10, gt 50, pred 10
     assert total["oof"]["mIoU"] == pytest.approx((150 / 190 + 0.2) / 2)
     assert names == list(total["oof"]["IoU"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_killing_cv_stops_its_training_child(demo_dir, two_folds, tmp_path):
+    out = tmp_path / "killed"
+    child = subprocess.Popen(cv_command(demo_dir, two_folds, out, epochs=200), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "fold0" / "last.pt").exists():
+        assert child.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    child.kill()  # SIGKILL: cv.py cannot pass anything on
+    child.wait()
+    deadline = time.time() + 120
+    while subprocess.run(["pgrep", "-f", str(out / "fold0")], capture_output=True).returncode == 0:
+        assert time.time() < deadline, "train.py went on after cv.py was killed"
+        time.sleep(0.5)
+    epochs = torch.load(out / "fold0" / "last.pt", weights_only=True)["epoch"] + 1
+    assert epochs < 200
