@@ -218,11 +218,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """predict.py --skip-bad: a photo that cannot be read still yields an item (a blank image, its meta marked
         with the problem), so that its row is kept and marked instead of dropped."""
         img = self.coco.images[index]
-        size = self.transform(tv_tensors.Image(torch.zeros(3, img["height"], img["width"], dtype=torch.uint8)))
+        blank = self.transform(tv_tensors.Image(torch.zeros(3, img["height"], img["width"], dtype=torch.uint8)))
+        blank = blank.as_subclass(torch.Tensor).float()
         meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"],
                 "bad": problem}
-        return (size.as_subclass(torch.Tensor).float(), meta) if not self.labeled else \
-            (size.as_subclass(torch.Tensor).float(), None, meta)
+        return (blank, None, meta) if self.labeled else (blank, meta)
 
     def load_named(self, index):
         """load(index), with any failure turned into a DataError that names the sample."""

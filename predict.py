@@ -6,8 +6,8 @@ ensembling, overlays, metrics, pseudo labels.
     python predict.py --ckpt runs/x/best.pt --json test.json --pseudo --output-dir preds/pseudo   # for train.py --pseudo
     python predict.py --ckpt model.pt2 --json test.json --tta     # an export.py program, without the model code
 
-Output dir (default preds/<run name>; preds/<run name>_<json name> for another JSON than test.json): submission.csv, masks/ (palette PNGs, pixel value = class id, original
-size), probs/ (float16 class probabilities, .npy, at each image's own size unless --prob-size caps the longer
+Output dir (default preds/<run name>; preds/<run name>_<json name> for another JSON than test.json):
+submission.csv, masks/ (palette PNGs, pixel value = class id, original size), probs/ (float16 class probabilities, .npy, at each image's own size unless --prob-size caps the longer
 side), predictions.json (what ensemble.py reads; keys in outputs.py), and with --eval metrics.json +
 per_image.csv, with --vis N vis/, with --pseudo pseudo.json.
 """
@@ -139,8 +139,7 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
                                    args.channels_last)
         model_seconds += time.perf_counter() - t
         for (full, pred), mask, meta in zip(per_image, masks, metas):
-            entry = {"file_name": meta["file_name"], "height": meta["height"], "width": meta["width"],
-                     "mask": mask_name(meta["file_name"])}
+            entry = image_entry(meta)
             if "bad" in meta:  # --skip-bad: a photo that failed to decode in the loader
                 manifest.append(placeholder(entry, meta["bad"], results))
                 continue
@@ -156,6 +155,12 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
     return manifest, results, model_seconds, kept
 
 
+def image_entry(image):
+    """An image's predictions.json entry from its meta or JSON entry (file_name, height, width)."""
+    return {"file_name": image["file_name"], "height": image["height"], "width": image["width"],
+            "mask": mask_name(image["file_name"])}
+
+
 def placeholder(entry, problem, results):
     """A photo that cannot be read: an all-Background mask at its size, no probabilities; marked in the manifest."""
     print(f"warning: {problem}: placeholder prediction (all Background)", file=sys.stderr, flush=True)
@@ -167,10 +172,8 @@ def add_unread_photos(coco, manifest, results):
     """Placeholders, in the JSON's order, for the photos load_coco dropped (--skip-bad): missing, unreadable, of
     another size than the JSON says. Returns every placeholder's file_name."""
     for index, img, problem in coco.skipped_files:
-        entry = {"file_name": img["file_name"], "height": img["height"], "width": img["width"],
-                 "mask": mask_name(img["file_name"])}
         at = min(index, len(manifest))
-        manifest.insert(at, placeholder(entry, problem, results))
+        manifest.insert(at, placeholder(image_entry(img), problem, results))
         results.insert(at, results.pop())
     return [entry["file_name"] for entry in manifest if "skipped" in entry]
 
