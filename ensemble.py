@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cleanup import remove_small_regions
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
 from outputs import (CONFIDENCE_BINS, PSEUDO_THRESHOLD, OutputError, add_confidences, balanced_thresholds, csv_row,
-                     mask_name, prepare_output_dir, read_predictions, save_pseudo, write_json, write_pseudo,
-                     write_results, write_submission)
+                     mask_name, prepare_output_dir, read_predictions, read_probs, save_pseudo, write_json,
+                     write_pseudo, write_results, write_submission)
 
 
 def read_input(path):
@@ -82,10 +81,7 @@ def check_inputs(inputs):
 
 
 def load_probs(inp, file_name, height, width):
-    probs = torch.from_numpy(np.load(inp["path"] / inp["images"][file_name]["probs"]).astype(np.float32))
-    if probs.shape[-2:] == (height, width):
-        return probs
-    return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return read_probs(inp["path"], inp["images"][file_name], height, width)
 
 
 def hard_vote(masks, weights, num_classes, tie_scores=None):

@@ -158,6 +158,14 @@ def read_predictions(path):
         raise OutputError(f"{manifest}: not a predictions manifest ({e})") from None
 
 
+def read_probs(folder, entry, height, width):
+    """An image's saved (C, H, W) probabilities from a predictions folder as float32, resized to height x width."""
+    probs = torch.from_numpy(np.load(Path(folder) / entry["probs"]).astype(np.float32))
+    if probs.shape[-2:] == (height, width):
+        return probs
+    return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
 # ----------------------------------------------------------------------------- the output folder
 
 def prepare_output_dir(path, force):
