@@ -199,6 +199,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.copy_paste = copy_paste
         self.skip_bad = skip_bad
         self.labeled = coco.labeled and with_masks  # with_masks=False: images only, even from a labeled JSON
+        self.pseudo = None  # training_set sets True/False: then meta says whether the masks are pseudo labels
 
     def __len__(self):
         return len(self.coco)
@@ -251,6 +252,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.coco.json_path}: every sample failed to load")
         img = self.coco.images[index]
         meta = {"file_name": img["file_name"], "image_id": img["id"], "height": img["height"], "width": img["width"]}
+        if self.pseudo is not None:
+            meta["pseudo"] = self.pseudo
         if mask is None or self.full_mask:
             image = normalize(self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor), self.normalization)
             return (image, meta) if mask is None else (image, mask.long(), meta)
@@ -283,7 +286,10 @@ def training_set(args, train_coco, data, log):
     if args.pseudo:
         pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=data["class_names"])
         sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, **common))
-        log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}")
+        log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}" +
+                  (f", loss weight {args.pseudo_weight}" if args.pseudo_weight != 1 else ""))
+        for part in sets:  # each sample's meta says which kind it is, for --pseudo-weight
+            part.pseudo = part is sets[-1]
     return torch.utils.data.ConcatDataset(sets)
 
 

@@ -95,6 +95,20 @@ class CombinedLoss(nn.Module):
         return total
 
 
+def weighted_loss(loss_fn, logits, masks, sample_weight):
+    """loss_fn over the batch; with sample_weight (one per image) the images of each weight are scored apart and
+    the parts averaged by image count x weight, so that the weight scales what those images teach whatever the
+    loss (cross-entropy, focal, dice). A part with no labelled pixel (an all-ignored pseudo mask) adds nothing."""
+    if sample_weight is None:
+        return loss_fn(logits, masks)
+    total = logits.new_zeros(())
+    for w in sample_weight.unique():
+        part = sample_weight == w
+        if w > 0 and (masks[part] != IGNORE_INDEX).any():
+            total = total + loss_fn(logits[part], masks[part]) * (w * part.sum())
+    return total / len(sample_weight)
+
+
 def parse_loss_spec(spec):
     """'ce:0.75,dice:0.25' or 'focal+dice' -> [('ce', 0.75), ('dice', 0.25)] / [('focal', 1.0), ('dice', 1.0)]."""
     terms = []

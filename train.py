@@ -27,7 +27,7 @@ from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
 from distributed import agree_on_step, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
 from inference import autocast, validate
-from losses import WEIGHT_METHODS, build_loss, run_class_weights
+from losses import WEIGHT_METHODS, build_loss, run_class_weights, weighted_loss
 from backbones import drop_path_default, input_normalization
 from model import ModelError, add_network_args, build_model
 from optim import training_state
@@ -75,6 +75,8 @@ def get_args_parser():
     p.add_argument("--copy-paste", action="store_true", help="paste objects of the rarest classes")
     p.add_argument("--copy-paste-classes", nargs="+", help="class names to paste (default: the 2 rarest by pixels)")
     p.add_argument("--pseudo", metavar="DIR", help="add images with predicted masks from predict.py --pseudo")
+    p.add_argument("--pseudo-weight", type=float, default=1.0, metavar="W",
+                   help="the loss weight of the pseudo-labelled images (labelled ones: 1; default %(default)s)")
     p.add_argument("-j", "--workers", type=int, default=4)
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images/annotations with a warning")
@@ -171,11 +173,13 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def training_loss(out, masks, loss_fn, aux_weight):
+def training_loss(out, masks, loss_fn, aux_weight, sample_weight=None):
     """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one."""
     logits, aux_logits = out if isinstance(out, tuple) else (out, None)
-    aux_loss = loss_fn(aux_logits, masks) * aux_weight if aux_logits is not None else 0.0
-    return loss_fn(logits, masks) + aux_loss  # the main loss last: its parts are the ones logged
+    aux_loss = 0.0
+    if aux_logits is not None:
+        aux_loss = weighted_loss(loss_fn, aux_logits, masks, sample_weight) * aux_weight
+    return weighted_loss(loss_fn, logits, masks, sample_weight) + aux_loss  # main loss last: its parts are logged
 
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
@@ -185,16 +189,19 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
     batches, world, device = run["steps_per_epoch"] * args.accum_steps, run["world"], run["device"]
     t_epoch = t_print = time.time()
     seen, seen_print, loss_sum, loss_count, window_has_grad = 0, 0, 0.0, 0, False
-    for i, (images, masks, _) in enumerate(loader):
+    for i, (images, masks, meta) in enumerate(loader):
         if i >= batches:
             break
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
+        sample_weight = None
+        if args.pseudo and args.pseudo_weight != 1:  # pseudo-labelled images teach pseudo_weight x as much
+            sample_weight = torch.where(meta["pseudo"], args.pseudo_weight, 1.0).to(device)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, args.amp):
             out = model(images)
-        loss = training_loss(out, masks, loss_fn, args.aux_weight)
+        loss = training_loss(out, masks, loss_fn, args.aux_weight, sample_weight)
         finite, stop_signum = agree_on_step(loss, run["stop"].signum, world)
         if not finite:
             # only this micro-batch is dropped: gradients of the window's earlier micro-batches stay and are
@@ -345,6 +352,8 @@ def run(args, given, rank, world, device):
     checkpoint, output_dir = resume_from(args, given, rank)
     if args.test_only and not checkpoint:
         raise ValueError("--test-only validates a checkpoint: give it with --resume PATH")
+    if args.pseudo_weight < 0 or args.pseudo_weight != 1 and not args.pseudo:
+        raise ValueError("--pseudo-weight W (>= 0) weighs the images of --pseudo DIR: give both")
     excluded, args.excluded = read_exclude_list(args.exclude) if args.exclude else ([], None)  # into config.json
     if args.drop_path is None:  # the rate in effect, recorded in config.json and the checkpoint
         args.drop_path = drop_path_default(args.backbone)
