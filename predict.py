@@ -25,8 +25,9 @@ from coco import IGNORE_INDEX, DataError, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from outputs import (PSEUDO_THRESHOLD, OutputError, mask_name, prepare_output_dir, save_pseudo, write_json,
-                     write_pseudo, write_results, writing)
+from outputs import (CONFIDENCE_BINS, PSEUDO_THRESHOLD, OutputError, add_confidences, balanced_thresholds,
+                     mask_name, prepare_output_dir, read_probs, save_pseudo, write_json, write_pseudo, write_results,
+                     writing)
 
 
 def prob_shape(height, width, max_side):
@@ -98,6 +99,9 @@ def get_args_parser():
     p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
                    help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
                         "in training; only confident pixels teach (default %(default)s; 0: every pixel, the argmax)")
+    p.add_argument("--pseudo-balance", type=float, metavar="P",
+                   help="with --pseudo: class-balanced selection in place of --pseudo-threshold: each predicted "
+                        "class keeps its P%% most confident pixels over all images (a second pass over probs/)")
     p.add_argument("--skip-bad", action="store_true",
                    help="photos that cannot be read (missing, damaged, mis-sized) get a placeholder: an all-Background "
                         "row in submission.csv and mask, marked in predictions.json; --eval scores the rest")
@@ -133,6 +137,7 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
     pseudo-label pixel counts per class: predicted, kept)."""
     manifest, results, model_seconds = [], [], 0.0
     kept = torch.zeros(len(class_names), 2, dtype=torch.int64)
+    histogram = kept.new_zeros(len(class_names), CONFIDENCE_BINS)
     for images, masks, metas in loader:
         t = time.perf_counter()
         per_image = evaluate_batch(model, images.to(device), metas, img_size, flips, args.scales, args.amp,
@@ -145,14 +150,27 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
                 continue
             if not args.no_probs:
                 entry["probs"] = save_probs(out_dir, meta, full, args.prob_size)
-            if args.pseudo:
+            if args.pseudo and args.pseudo_balance:  # thresholds once every image is seen: pseudo_balanced
+                add_confidences(full, histogram)
+            elif args.pseudo:
                 entry["pseudo_mask"] = save_pseudo(out_dir, meta["file_name"], full, args.pseudo_threshold,
                                                    class_names, kept)
             manifest.append(entry)
             clean = remove_small_regions(pred.to(torch.uint8).cpu().numpy(), args.min_region)
             results.append((meta["file_name"], clean, None if mask is None else mask.numpy(),
                             None if mask is None else image_loss(full, mask)))
-    return manifest, results, model_seconds, kept
+    return manifest, results, model_seconds, (kept, histogram)
+
+
+def pseudo_balanced(out_dir, manifest, histogram, share, class_names, kept):
+    """--pseudo-balance: one threshold per class from the confidences of all images, then each image's pseudo mask
+    from its saved probabilities. Returns the thresholds."""
+    thresholds = balanced_thresholds(histogram, share)
+    for entry in manifest:
+        if "skipped" not in entry:
+            probs = read_probs(out_dir, entry, entry["height"], entry["width"])
+            entry["pseudo_mask"] = save_pseudo(out_dir, entry["file_name"], probs, thresholds, class_names, kept)
+    return thresholds
 
 
 def image_entry(image):
@@ -191,6 +209,9 @@ def predict_or_clean_up(model, loader, out_dir, img_size, flips, args, device, c
 
 
 def run(args):
+    if args.pseudo_balance is not None and not (args.pseudo and 0 < args.pseudo_balance <= 100 and not args.no_probs):
+        raise OutputError(f"--pseudo-balance {args.pseudo_balance}: give it with --pseudo, without --no-probs, as "
+                          "the share of each class to keep in percent (0 < P <= 100)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
     model, info = load_network(ckpt_path, device, args.channels_last)
@@ -210,12 +231,15 @@ def run(args):
           f"{info['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
           f"scales {args.scales}) -> {out_dir}")
     t0 = time.perf_counter()
-    manifest, results, model_seconds, kept = predict_or_clean_up(model, loader, out_dir, img_size, flips, args,
-                                                                 device, class_names)
+    manifest, results, model_seconds, (kept, histogram) = predict_or_clean_up(model, loader, out_dir, img_size,
+                                                                              flips, args, device, class_names)
     unread = add_unread_photos(coco, manifest, results)
     seconds = time.perf_counter() - t0
     timing = {"images": len(coco), "seconds": seconds, "seconds_per_image": seconds / max(len(coco), 1),
               "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales}
+    threshold = args.pseudo_threshold
+    if args.pseudo_balance:
+        threshold = pseudo_balanced(out_dir, manifest, histogram, args.pseudo_balance / 100, class_names, kept)
     write_results(out_dir, class_names, results, args.data_dir, args.csv_size, args.vis, args.eval,
                   {"timing": timing, "placeholders": unread}, placeholders=set(unread))
     write_json(out_dir / "predictions.json", {"class_names": class_names, "checkpoint": str(ckpt_path),
@@ -223,7 +247,7 @@ def run(args):
                                               "prob_size": None if args.no_probs else args.prob_size,
                                               "timing": timing, "images": manifest})
     if args.pseudo:
-        write_pseudo(out_dir, class_names, manifest, args.pseudo_threshold, kept)
+        write_pseudo(out_dir, class_names, manifest, threshold, kept)
     if unread:
         print(f"warning: {len(unread)} of {len(manifest)} rows of submission.csv are placeholders (all Background) "
               f"for photos that could not be read: {', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}"

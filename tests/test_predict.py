@@ -281,10 +281,13 @@ def test_voting_loads_no_network_code():
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("stage", ["data", "folds", "train", "predict", "ensemble"])
+STAGES = ["data", "folds", "train", "predict", "ensemble", "cv", "review"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_no_stage_imports_another_stage(stage):
     import ast
     tree = ast.parse((REPO / f"{stage}.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not imported & ({"data", "folds", "train", "predict", "ensemble"} - {stage})
+    assert not imported & (set(STAGES) - {stage})

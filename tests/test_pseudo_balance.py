@@ -1,6 +1,7 @@
 """Class-balanced pseudo labels (ensemble.py --pseudo --pseudo-balance P): every predicted class keeps its P% most
 confident pixels, so a rare, confusable class keeps as large a share as a frequent, easy one."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,3 +66,32 @@ def test_ensemble_writes_balanced_pseudo_labels(tmp_path, capsys):
     assert "class-balanced" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="in percent"):
         ensemble.main([str(folder), "--pseudo", "--pseudo-balance", "0", "--output-dir", str(tmp_path / "x")])
+
+
+def test_predict_writes_balanced_pseudo_labels(demo_dir, tmp_path, capsys):
+    import predict
+    import train
+    from test_train import tiny_args
+    train.main(tiny_args(demo_dir, tmp_path / "run", "--epochs", "1", "--val-json", "none"))
+    out = tmp_path / "pseudo"
+    args = ["--ckpt", str(tmp_path / "run" / "last.pt"), "--data-dir", str(demo_dir), "--json", "test.json",
+            "--workers", "0", "--pseudo", "--pseudo-balance", "40", "--output-dir", str(out)]
+    predict.main(args)
+    pseudo = json.loads((out / "pseudo.json").read_text())
+    thresholds = pseudo["pseudo_threshold"]
+    assert isinstance(thresholds, dict) and len(set(thresholds.values())) > 1
+    predicted, kept = {}, {}
+    for image in pseudo["images"]:
+        full = np.array(Image.open(out / "masks" / (Path(image["file_name"]).with_suffix(".png"))))
+        confident = np.array(Image.open(out / image["mask_file"]))
+        # kept pixels are the prediction's own, but for near-ties the float16 probs/ order differently
+        assert (confident[confident != 255] == full[confident != 255]).mean() > 0.999
+        for c in np.unique(full):
+            predicted[c] = predicted.get(c, 0) + (full == c).sum()
+            kept[c] = kept.get(c, 0) + (confident == c).sum()
+    for c, total in predicted.items():
+        if total > 500:  # each class keeps its 40% surest pixels (up to one histogram bin of ties)
+            assert 0.38 <= kept[c] / total <= 0.45, (c, kept[c] / total)
+    assert "class-balanced" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="with --pseudo, without --no-probs"):
+        predict.main(args[:-2] + ["--no-probs", "--output-dir", str(tmp_path / "x")])
