@@ -10,14 +10,16 @@ predicted by a model that did not train on it (cv.py writes them as <run>/oof/fo
 are read at a time, so memory does not grow with the set.
 
 Scores, with T = --threshold:
-- annotation: its visible pixels are those it keeps once larger annotations are painted under it (what training
-  sees). share = the fraction of them whose top class is another class with probability >= T; suggested = the most
-  common such class; confidence = the mean probability of `suggested` over its pixels; doubt = share x confidence.
+- annotation (of >= --min-area visible pixels): its visible pixels are those it keeps once larger annotations are
+  painted under it (what training sees). share = the fraction of them whose top class is another class with
+  probability >= T; suggested = the most common such class; confidence = the mean probability of `suggested` over
+  its pixels; doubt = share x confidence.
 - missing region: a connected region (4-neighbours) of >= --min-area pixels, at the image's own size, that the label
   calls Background and the models call one object class with probability >= T. share = its part of the predicted
   object around it (a whole object unlabelled: 1; a rim an outline left out: small); doubt = share x confidence.
 - image: by default the doubt of its most doubtful suspect (--image-score max): one wrong annotation spoils a photo
-  however many right ones lie beside it; `sum` adds the doubts up.
+  however many right ones lie beside it; `sum` adds the doubts up; `area` is the share of the image's pixels whose
+  top class differs from the label with probability >= T.
 Outputs: suspects.csv (most doubtful first), images.csv (worst first), exclude.txt (images scoring >= --exclude-above,
 for --exclude), relabel.json (the input with suggested classes written in; see --relabel-above), missing.json (the
 missing regions as COCO annotations), review.json (counts, settings, time), vis/ (--vis N).
@@ -54,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.8, metavar="T",
                    help="a pixel disagrees when another class has top probability >= T (default %(default)s)")
     p.add_argument("--min-area", type=int, default=200, metavar="PX",
-                   help="smallest missing region, in pixels at the image's size (default %(default)s)")
+                   help="smallest annotation (visible pixels) or missing region judged, in pixels at the image's "
+                        "size: a few pixels are no evidence (default %(default)s)")
     p.add_argument("--min-share", type=float, default=0.1,
                    help="suspects (annotations and missing regions) listed from this share on (default %(default)s)")
     p.add_argument("--image-score", choices=("max", "sum", "area"), default="max")
@@ -181,7 +184,7 @@ def review_image(image, anns, probs, cat_to_class, class_names, args):
     own_mean = np.bincount(owner[shown], weights=own[shown], minlength=len(anns)) / np.maximum(visible, 1)
     suspects = []
     for i, ann in enumerate(anns):
-        if visible[i] and share[i] > 0 and share[i] >= args.min_share:
+        if visible[i] >= args.min_area and share[i] > 0 and share[i] >= args.min_share:
             suspects.append({"image": image["file_name"], "annotation": ann.get("id"),
                              "labelled": class_names[cat_to_class[ann["category_id"]]],
                              "suggested": class_names[suggested[i]], "share": float(share[i]),

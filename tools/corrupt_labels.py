@@ -36,6 +36,7 @@ def parse_args(argv=None):
     for kind, rate in zip(KINDS, (0.1, 0.1, 0.05, 0.0)):
         p.add_argument(f"--{kind}", type=float, default=rate, help=f"share of annotations (default {rate})")
     p.add_argument("--margin", type=float, default=0.1, help="grow/shrink by this x sqrt(area) pixels")
+    p.add_argument("--min-area", type=float, default=0, help="only annotations of at least this area are corrupted")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds-dir", help="also write a copy of this folds folder with noisy train folds")
     p.add_argument("--output-folds-dir")
@@ -54,8 +55,8 @@ def moved_outline(ann, height, width, pixels):
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}, int(moved.sum())
 
 
-def corrupt(raw, rates, margin, seed):
-    """(noisy COCO dict, truth records). rates: kind -> share of annotations."""
+def corrupt(raw, rates, margin, seed, min_area=0):
+    """(noisy COCO dict, truth records). rates: kind -> share of the annotations of at least min_area."""
     if sum(rates.values()) > 1:
         raise ValueError("the corruption rates add up to more than 1")
     rng = np.random.default_rng(seed)
@@ -68,6 +69,8 @@ def corrupt(raw, rates, margin, seed):
     for ann in noisy.get("annotations", []):
         draw = rng.random()
         kind = next((k for k, edge in zip(KINDS, edges) if draw < edge), None)
+        if float(ann.get("area", 0)) < min_area:
+            kind = None
         image = images[ann["image_id"]]
         record = {"annotation": ann["id"], "image": image["file_name"], "kind": kind,
                   "category": names.get(ann["category_id"])}
@@ -115,12 +118,13 @@ def main(argv=None):
     try:
         raw = read_json(source)
         rates = {k: getattr(args, k) for k in KINDS}
-        noisy, truth = corrupt(raw, rates, args.margin, args.seed)
+        noisy, truth = corrupt(raw, rates, args.margin, args.seed, args.min_area)
     except (DataError, ValueError) as e:
         sys.exit(f"error: {source}: {e}")
     write_json(args.output, noisy)
     counts = {k: sum(r["kind"] == k for r in truth) for k in KINDS}
     write_json(args.truth, {"source": str(source), "seed": args.seed, "rates": rates, "margin": args.margin,
+                            "min_area": args.min_area,
                             "annotations": len(raw.get("annotations", [])), "counts": counts, "corrupted": truth})
     if args.folds_dir:
         write_noisy_folds(Path(args.folds_dir), Path(args.output_folds_dir or args.folds_dir + "_noisy"), noisy)
