@@ -290,6 +290,30 @@ def write_pseudo(out_dir, class_names, manifest, threshold, kept):  # threshold:
           f"of the pixels; per predicted class: {', '.join(shares)}")
 
 
+# ----------------------------------------------------------------------------- label review
+
+SUSPECT_HEADER = ["image", "annotation", "labelled", "suggested", "share", "confidence", "area"]
+
+
+def write_suspects(path, suspects):
+    """review.py's suspects.csv, in the order given (most doubtful first)."""
+    with writing(path, path), open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(SUSPECT_HEADER)
+        for s in suspects:
+            writer.writerow([s["image"], s["annotation"], s["labelled"], s["suggested"], f"{s['share']:.4f}",
+                             f"{s['confidence']:.4f}", s["area"]])
+
+
+def write_review_images(path, scores):
+    """review.py's images.csv: every image's score, worst first."""
+    with writing(path, path), open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "score", "suspects"])
+        for name, score, count in scores:
+            writer.writerow([name, f"{score:.4f}", count])
+
+
 # ----------------------------------------------------------------------------- pictures written
 
 def save_picture(image, path):

@@ -42,6 +42,34 @@ def overlay(image, mask, class_names, alpha=0.5, title=None, legend=True):
     return canvas
 
 
+def outline(pixels):
+    """The boundary pixels of a bool mask, two pixels wide."""
+    p = np.pad(pixels, 2)
+    inner = np.ones_like(pixels)
+    h, w = pixels.shape
+    for dy in range(5):
+        for dx in range(5):
+            inner &= p[dy:dy + h, dx:dx + w]
+    return pixels & ~inner
+
+
+def suspect_picture(photo, pixels, label, pred, class_names, name, title):
+    """review.py's gallery: photo | label | out-of-fold prediction, the suspect (a bool mask) outlined in white on
+    each, the title above."""
+    edge = outline(pixels)
+    panels = [overlay(photo, np.zeros_like(label), class_names, title=name, legend=False),
+              overlay(photo, label, class_names, title="label"), overlay(photo, pred, class_names, title="out of fold")]
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + 16), WHITE)
+    x = 0
+    for panel in panels:
+        picture = np.array(panel)
+        picture[:edge.shape[0]][edge] = WHITE
+        canvas.paste(Image.fromarray(picture), (x, 16))
+        x += panel.width
+    ImageDraw.Draw(canvas).text((4, 2), title, fill=INK)
+    return canvas
+
+
 # ----------------------------------------------------------------------------- line charts
 
 def nice_ticks(low, high, count=5):

@@ -25,23 +25,19 @@ for --exclude), relabel.json (the input with suggested classes written in; see -
 missing regions as COCO annotations), review.json (counts, settings, time), vis/ (--vis N).
 """
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from cleanup import region_labels
 from coco import DataError, annotation_bitmap, load_coco, paint_order, read_image, read_json, resolve_json
-from outputs import OutputError, read_predictions, read_probs, save_picture, write_json, writing
-from pictures import overlay
-
-SUSPECT_HEADER = ["image", "annotation", "labelled", "suggested", "share", "confidence", "area"]
-
+from outputs import (OutputError, read_predictions, read_probs, save_picture, write_json, write_review_images,
+                     write_suspects, writing)
+from pictures import suspect_picture
 
 class ReviewError(ValueError):
     """The inputs cannot be reviewed: the message names the folder or file and what is wrong."""
@@ -214,23 +210,6 @@ def image_score(suspects, disagree, how):
 
 # ----------------------------------------------------------------------------- outputs
 
-def write_suspects(path, suspects):
-    with writing(path, path), open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SUSPECT_HEADER)
-        for s in suspects:
-            writer.writerow([s["image"], s["annotation"], s["labelled"], s["suggested"], f"{s['share']:.4f}",
-                             f"{s['confidence']:.4f}", s["area"]])
-
-
-def write_images(path, scores):
-    with writing(path, path), open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "score", "suspects"])
-        for name, score, count in scores:
-            writer.writerow([name, f"{score:.4f}", count])
-
-
 def write_exclude(path, scores, above, how):
     names = [name for name, score, _ in scores if score >= above]
     with writing(path, path):
@@ -290,31 +269,13 @@ def write_missing(path, raw, suspects, image_ids, cat_to_class, class_names):
     write_json(path, {"images": raw["images"], "categories": raw.get("categories", []), "annotations": anns})
 
 
-def outline(pixels):
-    """The boundary pixels of a bool mask, two pixels wide."""
-    p = torch.from_numpy(pixels.astype(np.float32))[None, None]
-    inner = -torch.nn.functional.max_pool2d(-p, 5, stride=1, padding=2)
-    return (p - inner)[0, 0].numpy() > 0
-
-
 def draw_suspect(out_path, data_dir, suspect, pixels, label, pred, class_names):
-    """photo | label | out-of-fold prediction, the suspect outlined in white on each, and named."""
-    photo = read_image(Path(data_dir) / suspect["image"]).permute(1, 2, 0).numpy()
-    edge = outline(pixels)
     what = (f"annotation {suspect['annotation']}: {suspect['labelled']} -> {suspect['suggested']}"
             if suspect["annotation"] != "missing" else f"missing {suspect['suggested']} ({suspect['area']} px)")
-    title = f"{what}, share {suspect['share']:.2f}, confidence {suspect['confidence']:.2f}"
-    panels = [overlay(photo, np.zeros_like(label), class_names, title=suspect["image"], legend=False),
-              overlay(photo, label, class_names, title="label"), overlay(photo, pred, class_names, title="out of fold")]
-    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + 16), (255, 255, 255))
-    x = 0
-    for p in panels:
-        picture = np.array(p)
-        picture[:edge.shape[0]][edge] = (255, 255, 255)
-        canvas.paste(Image.fromarray(picture), (x, 16))
-        x += p.width
-    ImageDraw.Draw(canvas).text((4, 2), title, fill=(0, 0, 0))
-    save_picture(canvas, out_path)
+    photo = read_image(Path(data_dir) / suspect["image"]).permute(1, 2, 0).numpy()
+    save_picture(suspect_picture(photo, pixels, label, pred, class_names, suspect["image"],
+                                 f"{what}, share {suspect['share']:.2f}, confidence {suspect['confidence']:.2f}"),
+                 out_path)
 
 
 def write_gallery(out_dir, worst, coco, by_image, class_names, args):
@@ -369,7 +330,7 @@ def run(args):
     suspects.sort(key=lambda s: (-s["doubt"], -s["area"]))
     scores.sort(key=lambda row: -row[1])
     write_suspects(out_dir / "suspects.csv", suspects)
-    write_images(out_dir / "images.csv", scores)
+    write_review_images(out_dir / "images.csv", scores)
     excluded = write_exclude(out_dir / "exclude.txt", scores, args.exclude_above, args.image_score)
     raw = read_json(resolve_json(args.data_dir, args.json))
     image_ids = {img["file_name"]: img["id"] for img in coco.images}

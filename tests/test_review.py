@@ -17,6 +17,7 @@ import corrupt_labels  # noqa: E402
 import review  # noqa: E402
 import review_bench  # noqa: E402
 from coco import read_exclude_list  # noqa: E402
+from outputs import SUSPECT_HEADER  # noqa: E402
 
 CLASSES = ["Background", "Paper", "Metal", "Battery"]
 
@@ -86,7 +87,7 @@ def test_finds_the_swap_and_the_missing_object(setup):
     before = json_path.read_bytes()
     summary = run_review(setup, "--vis", "2")
     rows = read_rows(out / "suspects.csv")
-    assert list(rows[0]) == review.SUSPECT_HEADER
+    assert list(rows[0]) == SUSPECT_HEADER
     first = rows[0]
     assert (first["image"], first["annotation"], first["labelled"], first["suggested"]) == ("a.jpg", "1", "Metal",
                                                                                          "Paper")
