@@ -49,9 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data")
     p.add_argument("--json", default="train_all.json", help="the labelled COCO JSON to review")
     p.add_argument("--output-dir", default="review")
-    p.add_argument("--threshold", type=float, default=0.8, metavar="T",
-                   help="a pixel disagrees when another class has top probability >= T (default %(default)s)")
-    p.add_argument("--min-area", type=int, default=200, metavar="PX",
+    p.add_argument("--threshold", type=float, default=0.0, metavar="T",
+                   help="a pixel disagrees when another class has top probability >= T (default %(default)s: "
+                        "whenever another class is on top; the doubt still weighs by confidence; measured best)")
+    p.add_argument("--min-area", type=int, default=1000, metavar="PX",
                    help="smallest annotation (visible pixels) or missing region judged, in pixels at the image's "
                         "size: a few pixels are no evidence (default %(default)s)")
     p.add_argument("--min-share", type=float, default=0.1,

@@ -4,8 +4,8 @@
         --review-dir review --oof-dirs runs/cv/oof/fold*
 
 Suspect annotations: precision among the top K (K = the corrupted annotations still present: swaps, grown and
-shrunk outlines) and recall at 2K, overall and per kind (K = that kind's count); for swaps also how often the
-suggested class is the original one. Missing regions: matched to deleted annotations of the same image at IoU >= 0.5
+shrunk outlines) and recall at 2K, overall and per kind (K = that kind's count; also the kind's recall among the 2K
+most doubtful of all); for swaps also how often the suggested class is the original one. Missing regions: matched to deleted annotations of the same image at IoU >= 0.5
 (each deletion once), precision among the top K (K = deletions) and recall at 2K. Images ("has any corruption"):
 average precision and AUROC of review.py's image score, of cleanlab's softmin label quality
 (segmentation.rank.get_label_quality_scores, when cleanlab is installed: requirements-bench.txt) on the same
@@ -68,6 +68,7 @@ def annotation_figures(suspects, truth):
     suggestion = {int(r["annotation"]): r["suggested"] for r in suspects if r["annotation"] != "missing"}
     kinds = {r["annotation"]: r for r in truth if r["kind"] != "delete"}
     out = {}
+    total = len(kinds)
     for kind in ("all", "swap", "grow", "shrink"):
         wanted = {a for a, r in kinds.items() if kind == "all" or r["kind"] == kind}
         k = len(wanted)
@@ -75,7 +76,9 @@ def annotation_figures(suspects, truth):
             continue
         top_k, top_2k = ranked[:k], ranked[:2 * k]
         out[kind] = {"K": k, "precision_at_K": sum(a in wanted for a in top_k) / k,
-                     "recall_at_2K": sum(a in wanted for a in top_2k) / k}
+                     "recall_at_2K": sum(a in wanted for a in top_2k) / k,
+                     # the kind's share found among the 2K most doubtful of all (K = every corrupted annotation)
+                     "recall_at_2K_all": sum(a in wanted for a in ranked[:2 * total]) / k}
         if kind == "swap":
             found = [a for a in top_k if a in wanted]
             right = sum(suggestion[a] == kinds[a]["category"] for a in found)
@@ -158,7 +161,7 @@ def main(argv=None):
                             for k, v in rankings.items()}}
     for kind, f in figures["annotations"].items():
         print(f"annotations {kind:6s} K {f['K']:5d}  precision@K {f['precision_at_K']:.3f}  recall@2K "
-              f"{f['recall_at_2K']:.3f}" + (f"  suggestion right {f['suggestion_right']:.3f}" if "suggestion_right"
+              f"{f['recall_at_2K']:.3f}  recall@2K(all) {f['recall_at_2K_all']:.3f}" + (f"  suggestion right {f['suggestion_right']:.3f}" if "suggestion_right"
                                              in f else ""))
     if figures["missing"]:
         m = figures["missing"]
