@@ -220,7 +220,7 @@ def test_bench_scores_the_review_against_the_truth(setup, tmp_path):
     (tmp_path / "truth.json").write_text(json.dumps(truth))
     figures = review_bench.main(["--data-dir", str(data), "--json", "train_all.json", "--truth",
                                  str(tmp_path / "truth.json"), "--review-dir", str(out), "--oof-dirs", *folds])
-    assert figures["annotations"]["swap"] == {"K": 1, "precision_at_K": 1.0, "recall_at_2K": 1.0, "recall_at_2K_all": 1.0,
-                                              "suggestion_right": 1.0}
+    assert figures["annotations"]["swap"] == {"K": 1, "precision_at_K": 1.0, "recall_at_2K": 1.0,
+                                              "recall_at_2K_all": 1.0, "suggestion_right": 1.0}
     assert figures["missing"]["precision_at_K"] == 1.0
     assert figures["images"]["review"]["AP"] == 1.0 and figures["images"]["loss (per_image.csv)"]["AP"] == 1.0

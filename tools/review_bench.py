@@ -5,8 +5,9 @@
 
 Suspect annotations: precision among the top K (K = the corrupted annotations still present: swaps, grown and
 shrunk outlines) and recall at 2K, overall and per kind (K = that kind's count; also the kind's recall among the 2K
-most doubtful of all); for swaps also how often the suggested class is the original one. Missing regions: matched to deleted annotations of the same image at IoU >= 0.5
-(each deletion once), precision among the top K (K = deletions) and recall at 2K. Images ("has any corruption"):
+most doubtful of all); for swaps also how often the suggested class is the original one. Missing regions: matched
+to deleted annotations of the same image at IoU >= 0.5 (each deletion once), precision among the top K
+(K = deletions) and recall at 2K. Images ("has any corruption"):
 average precision and AUROC of review.py's image score, of cleanlab's softmin label quality
 (segmentation.rank.get_label_quality_scores, when cleanlab is installed: requirements-bench.txt) on the same
 probabilities and noisy labels, and of the mean cross-entropy per image (what predict.py's per_image.csv holds).
@@ -160,9 +161,9 @@ def main(argv=None):
                          **{k: {"AP": average_precision(v, positive), "AUROC": auroc(v, positive)}
                             for k, v in rankings.items()}}
     for kind, f in figures["annotations"].items():
+        right = f"  suggestion right {f['suggestion_right']:.3f}" if "suggestion_right" in f else ""
         print(f"annotations {kind:6s} K {f['K']:5d}  precision@K {f['precision_at_K']:.3f}  recall@2K "
-              f"{f['recall_at_2K']:.3f}  recall@2K(all) {f['recall_at_2K_all']:.3f}" + (f"  suggestion right {f['suggestion_right']:.3f}" if "suggestion_right"
-                                             in f else ""))
+              f"{f['recall_at_2K']:.3f}  recall@2K(all) {f['recall_at_2K_all']:.3f}{right}")
     if figures["missing"]:
         m = figures["missing"]
         print(f"missing regions   K {m['K']:5d}  precision@K {m['precision_at_K']:.3f}  recall@2K "
