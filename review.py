@@ -109,6 +109,19 @@ def match_images(coco, by_image, partial):
     return images
 
 
+def image_probs(source, image, num_classes):
+    """An image's saved probabilities at its size, or a ReviewError naming the file."""
+    folder, entry = source
+    try:
+        probs = read_probs(folder, entry, image["height"], image["width"])
+    except (OSError, ValueError, EOFError) as e:
+        raise ReviewError(f"{Path(folder) / entry['probs']}: cannot read the probabilities ({e})") from None
+    if probs.ndim != 3 or probs.shape[0] != num_classes:
+        raise ReviewError(f"{Path(folder) / entry['probs']}: shape {tuple(probs.shape)}, expected {num_classes} "
+                          "classes first")
+    return probs
+
+
 # ----------------------------------------------------------------------------- scoring one image
 
 def painted_owners(image, anns, cat_to_class):
@@ -286,8 +299,7 @@ def write_gallery(out_dir, worst, coco, by_image, class_names, args):
     for rank, s in enumerate(worst):
         image = by_name[s["image"]]
         label, owner, anns = painted_owners(image, coco.annotations(image), coco.cat_to_class)
-        folder, entry = by_image[s["image"]]
-        pred = read_probs(folder, entry, image["height"], image["width"]).argmax(0).numpy().astype(np.uint8)
+        pred = image_probs(by_image[s["image"]], image, len(class_names)).argmax(0).numpy().astype(np.uint8)
         if s["annotation"] == "missing":
             pixels = annotation_bitmap({"segmentation": s["rle"]}, image["height"], image["width"]).astype(bool)
         else:
@@ -321,8 +333,7 @@ def run(args):
     prepare(out_dir, args.force)
     suspects, scores = [], []
     for n, image in enumerate(images):
-        folder, entry = by_image[image["file_name"]]
-        probs = read_probs(folder, entry, image["height"], image["width"])
+        probs = image_probs(by_image[image["file_name"]], image, len(class_names))
         found, disagree = review_image(image, coco.annotations(image), probs, coco.cat_to_class, class_names, args)
         scores.append((image["file_name"], image_score(found, disagree, args.image_score), len(found)))
         suspects += found

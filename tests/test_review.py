@@ -145,6 +145,9 @@ def test_errors_name_the_folder(setup, tmp_path):
         run_review(setup)
     with pytest.raises(review.ReviewError, match="relabel.json must never sit beside"):
         run_review((data, json_path, folds, data))
+    (Path(folds[1]) / "probs" / "c.npy").write_bytes(b"cut")
+    with pytest.raises(review.ReviewError, match="c.npy: cannot read the probabilities"):
+        run_review((data, json_path, folds, tmp_path / "r5"))
     for p in (Path(folds[1]) / "probs").iterdir():
         p.unlink()
     (Path(folds[1]) / "probs").rmdir()
