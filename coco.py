@@ -260,17 +260,32 @@ def paint_order(anns):
     return sorted(anns, key=lambda a: -float(a.get("area", 0)))
 
 
-def paint_mask(image, anns, cat_to_class):
-    """uint8 HxW mask at the image's size, pixel value = class index."""
+def paint_owners(image, anns):
+    """(int32 HxW: the index into the painted list of the annotation each pixel shows, -1 where none; the
+    annotations in paint order)."""
     h, w = image["height"], image["width"]
-    mask = np.zeros((h, w), np.uint8)
-    for ann in paint_order(anns):
+    anns = paint_order(anns)
+    owner = np.full((h, w), -1, np.int32)
+    for i, ann in enumerate(anns):
         bitmap = annotation_bitmap(ann, h, w)
         if bitmap.shape != (h, w):
             raise DataError(f"annotation {ann.get('id', '?')} (image {image['file_name']}): RLE size "
                             f"{bitmap.shape} differs from the image's {h}x{w}")
-        mask[bitmap.astype(bool)] = cat_to_class[ann["category_id"]]
-    return mask
+        owner[bitmap.astype(bool)] = i
+    return owner, anns
+
+
+def paint_mask(image, anns, cat_to_class):
+    """uint8 HxW mask at the image's size, pixel value = class index."""
+    owner, anns = paint_owners(image, anns)
+    classes = np.array([cat_to_class[a["category_id"]] for a in anns] + [0], np.uint8)
+    return classes[owner]  # owner -1 picks the appended Background
+
+
+def rle_of(pixels):
+    """A bool HxW mask as compressed COCO RLE with text counts (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(pixels.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def default_cache_dir():

@@ -34,7 +34,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from cleanup import region_labels
-from coco import DataError, annotation_bitmap, load_coco, paint_order, read_image, read_json, resolve_json
+from coco import DataError, annotation_bitmap, load_coco, paint_owners, read_image, read_json, resolve_json, rle_of
 from outputs import (OutputError, read_predictions, read_probs, save_picture, write_json, write_review_images,
                      write_suspects, writing)
 from pictures import suspect_picture
@@ -126,17 +126,9 @@ def image_probs(source, image, num_classes):
 
 def painted_owners(image, anns, cat_to_class):
     """(label mask, owner map: the index into anns of the annotation each pixel shows, -1 for none, anns painted)."""
-    h, w = image["height"], image["width"]
-    anns = paint_order(anns)
-    owner = np.full((h, w), -1, np.int64)
-    for i, ann in enumerate(anns):
-        bitmap = annotation_bitmap(ann, h, w)
-        if bitmap.shape != (h, w):
-            raise DataError(f"annotation {ann.get('id', '?')} (image {image['file_name']}): RLE size {bitmap.shape} "
-                            f"differs from the image's {h}x{w}")
-        owner[bitmap.astype(bool)] = i
+    owner, anns = paint_owners(image, anns)
     classes = np.array([cat_to_class[a["category_id"]] for a in anns] + [0], np.int64)
-    return classes[owner].astype(np.int64), owner, anns  # owner -1 picks the appended Background
+    return classes[owner], owner, anns  # owner -1 picks the appended Background
 
 
 def score_annotations(owner, label, top, confidence, num_anns, num_classes, threshold):
@@ -154,12 +146,6 @@ def score_annotations(owner, label, top, confidence, num_anns, num_classes, thre
     share = counts.sum(1) / np.maximum(visible, 1)
     mean_conf = sums[rows, suggested] / np.maximum(counts[rows, suggested], 1)
     return visible, share, suggested, mean_conf
-
-
-def rle_of(pixels):
-    """A bool mask as compressed COCO RLE with text counts (JSON-ready, and small enough to keep for every region)."""
-    rle = mask_utils.encode(np.asfortranarray(pixels.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def missing_regions(label, top, confidence, threshold, min_area):

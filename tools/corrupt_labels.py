@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from coco import DataError, annotation_bitmap, read_json, resolve_json  # noqa: E402
+from coco import DataError, annotation_bitmap, read_json, resolve_json, rle_of  # noqa: E402
 from outputs import write_json  # noqa: E402
 
 KINDS = ("swap", "delete", "grow", "shrink")
@@ -51,8 +51,7 @@ def moved_outline(ann, height, width, pixels):
     moved = (moved if pixels > 0 else -moved)[0, 0].numpy() > 0.5
     if not moved.any():
         return None, 0
-    rle = mask_utils.encode(np.asfortranarray(moved.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}, int(moved.sum())
+    return rle_of(moved), int(moved.sum())
 
 
 def corrupt(raw, rates, margin, seed, min_area=0):

@@ -99,9 +99,10 @@ def missing_figures(review_dir, truth, images):
         img = images[r["image"]]
         by_image.setdefault(img["id"], []).append([annotation_bitmap(r, img["height"], img["width"]).astype(bool),
                                                    False, r["category"]])
-    hits, right = [], 0
+    by_id = {img["id"]: img for img in images.values()}
+    hits = []
     for region in found[:2 * k]:
-        img = next(i for i in images.values() if i["id"] == region["image_id"])
+        img = by_id[region["image_id"]]
         pixels = annotation_bitmap(region, img["height"], img["width"]).astype(bool)
         hit = False
         for item in by_image.get(region["image_id"], []):
