@@ -4,6 +4,7 @@ fold's validation photos (out-of-fold predictions); per-fold figures, mean ± sd
     python cv.py --folds-dir data/folds --output-dir runs/cv_lite0 -- --amp          # flags after -- go to train.py
     python cv.py --folds-dir F --output-dir runs/cv_mnv2 --folds 0,2 --tta -- --backbone mobilenet_v2 --amp
     python cv.py --compare runs/cv_lite0 runs/cv_mnv2                                # two recipes, paired by fold
+    python cv.py --folds-dir F --output-dir runs/cv_student -- --pseudo preds/pl/fold{fold} --amp  # {fold}: the fold
 
 --output-dir holds fold<i>/ (train.py's run), oof/fold<i>/ (predict.py --eval on val_fold<i>.json: probs/, masks/,
 metrics.json; what `ensemble.py --search-weights` takes) and cv.json. Running the same command again skips finished
@@ -128,13 +129,19 @@ def epochs_done(run_dir):
     return ckpt["epoch"] + 1, planned
 
 
+def fold_flags(train_flags, i):
+    """train.py's flags for fold i: '{fold}' in a flag becomes the fold number, so that each fold can take its own
+    pseudo labels, teacher weights or exclude list (--pseudo preds/pl/fold{fold})."""
+    return [flag.replace("{fold}", str(i)) for flag in train_flags]
+
+
 def train_fold(i, out, folds_dir, train_flags, force):
     run_dir = out / f"fold{i}"
     done = None if force else epochs_done(run_dir)
     if done and done[0] >= done[1]:
         print(f"fold {i}: trained ({done[0]} epochs in {run_dir}), skipped", flush=True)
         return False
-    cmd = [sys.executable, HERE / "train.py", *train_flags, "--fold", i, "--folds-dir", folds_dir,
+    cmd = [sys.executable, HERE / "train.py", *fold_flags(train_flags, i), "--fold", i, "--folds-dir", folds_dir,
            "--output-dir", run_dir]
     cmd += ["--resume"] if done else (["--force"] if force else [])
     run_child(cmd, f"training fold {i}")

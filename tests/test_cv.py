@@ -103,6 +103,18 @@ def test_cv_refuses_the_flags_it_sets_and_a_missing_fold(tmp_path, capsys):
     assert "no val_fold<i>.json" in str(e.value)
 
 
+def test_fold_in_a_flag_becomes_each_folds_number(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(cv, "run_child", lambda cmd, what: commands.append([str(c) for c in cmd]))
+    for i in (0, 1):
+        cv.train_fold(i, tmp_path, tmp_path / "folds", ["--pseudo", "pl/fold{fold}", "--weights=t/fold{fold}/last.pt",
+                                                        "--amp"], force=False)
+    for i, cmd in enumerate(commands):
+        assert cmd[cmd.index("--pseudo") + 1] == f"pl/fold{i}"
+        assert f"--weights=t/fold{i}/last.pt" in cmd and cmd[cmd.index("--fold") + 1] == str(i)
+        assert not any("{fold}" in c for c in cmd)
+
+
 def fake_cv(path, mious, digest="x", minutes=1.0):
     path.mkdir(parents=True)
     folds = [{"fold": i, "mIoU": m, "train_minutes": minutes, "val_photos_sha1": digest, "IoU": {}}
