@@ -275,7 +275,17 @@ def collate_full_masks(batch):
 
 # ----------------------------------------------------------------------------- train.py's sets, from its flags
 
-def training_set(args, train_coco, data, log):
+def pseudo_overlap(pseudo, train_coco, val_names):
+    """One line on pseudo-labelled photos that are also training or validation photos: training ones have real
+    labels (their pseudo copy only repeats them), validation ones make the run transductive (its score is no longer
+    one on unseen photos)."""
+    names = {img["file_name"] for img in pseudo.images}
+    parts = [(len(names & {img["file_name"] for img in train_coco.images}), "labelled training photos"),
+             (len(names & set(val_names)), "validation photos: transductive, the validation score is not a held-out one")]
+    return "".join(f"; {n} of them are {what}" for n, what in parts if n)
+
+
+def training_set(args, train_coco, data, log, val_names=()):
     """Training set: the training JSON (with augmentation and copy-paste), plus pseudo-labelled images."""
     copy_paste = CopyPaste(train_coco, args.copy_paste_classes) if args.copy_paste else None
     if copy_paste:
@@ -287,7 +297,8 @@ def training_set(args, train_coco, data, log):
         pseudo = load_coco(args.data_dir, Path(args.pseudo) / "pseudo.json", class_names=data["class_names"])
         sets.append(SegmentationDataset(pseudo, args.img_size, args.aug, None, None, **common))
         log.print(f"pseudo labels: {len(pseudo)} images from {args.pseudo}" +
-                  (f", loss weight {args.pseudo_weight}" if args.pseudo_weight != 1 else ""))
+                  (f", loss weight {args.pseudo_weight}" if args.pseudo_weight != 1 else "") +
+                  pseudo_overlap(pseudo, train_coco, val_names))
         for part in sets:  # each sample's meta says which kind it is, for --pseudo-weight
             part.pseudo = part is sets[-1]
     return torch.utils.data.ConcatDataset(sets)

@@ -379,7 +379,8 @@ def run(args, given, rank, world, device):
         metrics, _ = validate(forward_model, val_loader, class_names, checkpoint["epoch"], args, world, device, log)
         log.print(to_json({"mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"]}))
         return metrics
-    train_set = training_set(args, train_coco, data, log)
+    val_names = [img["file_name"] for img in val_loader.dataset.dataset.coco.images] if val_loader else []
+    train_set = training_set(args, train_coco, data, log, val_names)
     fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoint, output_dir,
         args, rank, world, device, log)
 

@@ -82,3 +82,13 @@ def test_student_starts_from_the_teacher(demo_dir, tmp_path, pseudo_dir, capsys)
     fresh = tmp_path / "fresh"
     train.main(tiny_args(demo_dir, fresh, "--epochs", "1", "--val-json", "none", "--lr", "0"))
     assert not all(torch.equal(taught[k], load(fresh / "last.pt")["model"][k]) for k in params)
+
+
+def test_pseudo_photos_that_are_validation_photos_are_named_transductive():
+    from types import SimpleNamespace
+    from dataset import pseudo_overlap
+    photos = lambda *names: SimpleNamespace(images=[{"file_name": n} for n in names])
+    pseudo, train = photos("a.jpg", "b.jpg", "c.jpg"), photos("c.jpg", "d.jpg")
+    line = pseudo_overlap(pseudo, train, ["a.jpg", "b.jpg", "e.jpg"])
+    assert "1 of them are labelled training photos" in line and "2 of them are validation photos: transductive" in line
+    assert pseudo_overlap(photos("x.jpg"), train, ["a.jpg"]) == ""
