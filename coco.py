@@ -260,9 +260,9 @@ def paint_order(anns):
     return sorted(anns, key=lambda a: -float(a.get("area", 0)))
 
 
-def paint_owners(image, anns):
-    """(int32 HxW: the index into the painted list of the annotation each pixel shows, -1 where none; the
-    annotations in paint order)."""
+def paint_owners(image, anns, cat_to_class):
+    """(uint8 HxW mask, pixel value = class index; int32 HxW owner map: the index into the painted list of the
+    annotation each pixel shows, -1 where none; the annotations in paint order)."""
     h, w = image["height"], image["width"]
     anns = paint_order(anns)
     owner = np.full((h, w), -1, np.int32)
@@ -272,14 +272,13 @@ def paint_owners(image, anns):
             raise DataError(f"annotation {ann.get('id', '?')} (image {image['file_name']}): RLE size "
                             f"{bitmap.shape} differs from the image's {h}x{w}")
         owner[bitmap.astype(bool)] = i
-    return owner, anns
+    classes = np.array([cat_to_class[a["category_id"]] for a in anns] + [0], np.uint8)
+    return classes[owner], owner, anns  # owner -1 picks the appended Background
 
 
 def paint_mask(image, anns, cat_to_class):
     """uint8 HxW mask at the image's size, pixel value = class index."""
-    owner, anns = paint_owners(image, anns)
-    classes = np.array([cat_to_class[a["category_id"]] for a in anns] + [0], np.uint8)
-    return classes[owner]  # owner -1 picks the appended Background
+    return paint_owners(image, anns, cat_to_class)[0]
 
 
 def rle_of(pixels):

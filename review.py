@@ -124,13 +124,6 @@ def image_probs(source, image, num_classes):
 
 # ----------------------------------------------------------------------------- scoring one image
 
-def painted_owners(image, anns, cat_to_class):
-    """(label mask, owner map: the index into anns of the annotation each pixel shows, -1 for none, anns painted)."""
-    owner, anns = paint_owners(image, anns)
-    classes = np.array([cat_to_class[a["category_id"]] for a in anns] + [0], np.int64)
-    return classes[owner], owner, anns  # owner -1 picks the appended Background
-
-
 def score_annotations(owner, label, top, confidence, num_anns, num_classes, threshold):
     """Per annotation: visible pixels, share, suggested class, its mean probability (arrays of length num_anns)."""
     shown = owner >= 0
@@ -170,12 +163,12 @@ def missing_regions(label, top, confidence, threshold, min_area):
 
 def review_image(image, anns, probs, cat_to_class, class_names, args):
     """Suspects of one image: dicts with the suspects.csv fields plus doubt (and the region mask of missing ones)."""
-    label, owner, anns = painted_owners(image, anns, cat_to_class)
+    label, owner, anns = paint_owners(image, anns, cat_to_class)
     confidence, top = probs.max(0)
     confidence, top = confidence.numpy(), top.numpy().astype(np.int64)
     visible, share, suggested, mean_conf = score_annotations(owner, label, top, confidence, len(anns),
                                                              len(class_names), args.threshold)
-    own = torch.gather(probs, 0, torch.from_numpy(label)[None])[0].numpy()  # each pixel's probability of its label
+    own = torch.gather(probs, 0, torch.from_numpy(label).long()[None])[0].numpy()  # each pixel's probability of its label
     shown = owner >= 0
     own_mean = np.bincount(owner[shown], weights=own[shown], minlength=len(anns)) / np.maximum(visible, 1)
     suspects = []
@@ -284,7 +277,7 @@ def write_gallery(out_dir, worst, coco, by_image, class_names, args):
     out_dir.mkdir(parents=True, exist_ok=True)
     for rank, s in enumerate(worst):
         image = by_name[s["image"]]
-        label, owner, anns = painted_owners(image, coco.annotations(image), coco.cat_to_class)
+        label, owner, anns = paint_owners(image, coco.annotations(image), coco.cat_to_class)
         pred = image_probs(by_image[s["image"]], image, len(class_names)).argmax(0).numpy().astype(np.uint8)
         if s["annotation"] == "missing":
             pixels = annotation_bitmap({"segmentation": s["rle"]}, image["height"], image["width"]).astype(bool)
