@@ -24,6 +24,9 @@ def lr_multipliers(model, encoder_lr_mult=1.0, layer_decay=1.0):
         if not name.startswith("encoder."):
             multipliers[name] = 1.0
             continue
+        if not blocks:  # an encoder with no block list (a peer's network in bench.py): no layer decay
+            multipliers[name] = encoder_lr_mult
+            continue
         if name.startswith("encoder.norms."):  # a stage's output norm sits with that stage's last block
             block = last_of_stage[int(name.split(".")[2])]
         else:

@@ -144,3 +144,15 @@ def test_encoder_learning_rate_multiplier():
         assert group["lr"] == pytest.approx(1e-4 if in_encoder.pop() else 1e-3)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert len(build_optimizer(model, "adamw", lr=1e-3).param_groups) == 2  # the old layout without a multiplier
+
+
+def test_an_encoder_without_a_block_list_takes_the_encoder_multiplier():
+    # how segmentation_models_pytorch's networks look to the optimizer (bench.py's peer): `encoder` with no
+    # stage_paths; layer decay has no blocks to count, the encoder multiplier still applies
+    model = torch.nn.Module()
+    model.encoder, model.decoder = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1)
+    groups = build_optimizer(model, "adamw", lr=1e-3, encoder_lr_mult=0.1, layer_decay=0.8).param_groups
+    encoder = {id(p) for p in model.encoder.parameters()}
+    for group in groups:
+        assert group["lr"] == pytest.approx(1e-4 if id(group["params"][0]) in encoder else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == 4

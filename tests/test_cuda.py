@@ -28,22 +28,26 @@ def gpu_args(demo_dir, out, *extra):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_one_fp16_channels_last_step_changes_the_weights(arch):
+def test_fp16_channels_last_steps_change_the_weights(arch):
     device = torch.device("cuda")
     model = build_model(arch, "resnet18", 5).to(device).to(memory_format=torch.channels_last).train()
     before = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     optimizer = build_optimizer(model, "adamw", lr=1e-3)
     scaler = torch.amp.GradScaler("cuda")
+    convs = []  # the convolutions must run in fp16; the final bilinear upsampling autocasts to fp32 on CUDA
+    model.encoder.register_forward_hook(lambda module, inputs, output: convs.append(output[-1].dtype))
     x = torch.randn(4, 3, 96, 128, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (4, 96, 128), device=device)
-    with torch.autocast("cuda", dtype=torch.float16):
-        logits = model(x)
-    assert logits.dtype == torch.float16
-    loss = torch.nn.functional.cross_entropy(logits.float(), y)
-    assert torch.isfinite(loss)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    for _ in range(3):  # GradScaler skips a step whose scaled gradients overflow: the first one may be skipped
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        assert torch.isfinite(loss) and logits.shape == (4, 5, 96, 128)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert convs == [torch.float16] * 3
     changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2
 
@@ -57,16 +61,25 @@ def test_compile_trains_one_tiny_epoch(demo_dir, tmp_path):
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])  # saved without the compile wrapper
 
 
+def largest_weight_gap(a, b):
+    return max((a["model"][k].float() - b["model"][k].float()).abs().max().item()
+               for k in a["model"] if a["model"][k].is_floating_point())
+
+
 def test_a_resumed_fp16_run_ends_as_an_uninterrupted_one(demo_dir, tmp_path):
+    # CUDA's bilinear-upsampling backward adds with atomics, so two uninterrupted runs already end a little apart:
+    # the resumed run must end as close to an uninterrupted one as a second uninterrupted run does; a resume that
+    # lost the optimizer's, the scaler's or the RNG's state lands far outside that noise
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     common = ["--epochs", "3", "--amp", "--seed", "3", "--aug", "none"]
     train.main(gpu_args(demo_dir, tmp_path / "straight", *common))
+    train.main(gpu_args(demo_dir, tmp_path / "again", *common))
     train.main(gpu_args(demo_dir, tmp_path / "stopped", *common, "--stop-after", "1"))
     train.main(["--resume", str(tmp_path / "stopped" / "last.pt")])
-    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("straight", "stopped"))
+    a, again, b = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("straight", "again", "stopped"))
     assert a["epoch"] == b["epoch"] == 2 and a["scaler"]["scale"] == b["scaler"]["scale"]
-    for key in a["model"]:  # GPU kernels may differ in the last bits between runs
-        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-3, rtol=1e-3), key
+    noise = largest_weight_gap(a, again)
+    assert largest_weight_gap(a, b) <= 3 * noise + 1e-4, (largest_weight_gap(a, b), noise)
 
 
 def test_predict_amp_masks_agree_with_fp32(demo_dir, tmp_path):

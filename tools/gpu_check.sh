@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check: the tests marked cuda and a quick benchmark, written to one report, in about 10 minutes at most on one GPU,
+# The GPU check: the tests marked cuda and a quick benchmark, written to one report, in about 9 minutes at most on one GPU,
 # on a machine with CUDA and a PyTorch but no network.
 #
 #   bash tools/gpu_check.sh prepare [TORCH_VERSION] [PYTHON_VERSION]   # on a networked machine, once (default 2.11, 3.12):
-#                                   # wheels of what a GPU image may lack -> tools/wheels/ (git-ignored, about 10 MB)
+#                                   # wheels of what a GPU image may lack -> tools/wheels/ (git-ignored, about 25 MB)
 #   bash tools/gpu_check.sh [REPORT_DIR]                                 # on the GPU machine (default gpu_report/)
 #
 # It uses the python3 it finds and that python's torch: torch 2.4 or newer, built with CUDA (requirements.txt's
@@ -69,17 +69,18 @@ fi
 
 say ""; say "## pytest -m cuda"
 say '```'
-timeout 270 $PY -m pytest -m cuda -q -p no:cacheprovider -rs tests 2>&1 | tail -25 | tee -a "$REPORT"
+timeout 150 $PY -m pytest -m cuda -q -p no:cacheprovider -rs tests 2>&1 | tail -25 | tee -a "$REPORT"
 tests_rc=${PIPESTATUS[0]}
 say '```'
 
 say ""; say "## bench: 512 px, batch 8 (train: fp16 autocast + channels_last, fp32, fp32 + channels_last; infer: fp16)"
+# resnet50 only: with convnext_tiny and SMP beside it the section outran 100 s on an H200 (cuDNN tunes each variant)
 peer=(); $PY -c "import segmentation_models_pytorch" 2>/dev/null && peer=(--peer smp)
-timeout 150 $PY bench.py --device cuda --sections train infer --archs deeplabv3plus unet --backbones resnet50 \
-    convnext_tiny --img-size 512 -b 8 --steps 5 --repeats 2 "${peer[@]}" --json "$REPORT_DIR/bench.json" 2>&1 \
+timeout 180 $PY bench.py --device cuda --sections train infer --archs deeplabv3plus unet --backbones resnet50 \
+    --img-size 512 -b 8 --steps 5 --repeats 2 "${peer[@]}" --json "$REPORT_DIR/bench.json" 2>&1 \
     | grep -v "^$" | tee -a "$REPORT"
 say ""; say "## bench: torch.compile against eager (UNet/resnet50, fp16 + channels_last)"
-timeout 120 $PY bench.py --device cuda --sections train --archs unet --backbones resnet50 --img-size 512 -b 8 \
+timeout 90 $PY bench.py --device cuda --sections train --archs unet --backbones resnet50 --img-size 512 -b 8 \
     --steps 5 --repeats 2 --no-memory --compile "fp16 (cuda)" 2>&1 | grep -v "^$" | tee -a "$REPORT"
 
 say ""; say "## real training steps: the default recipe and the Swin recipe's network (demo photos, 512 px)"
@@ -88,7 +89,7 @@ $PY data.py --demo /tmp/trashseg_gpu_demo --num-images 96 > /dev/null && $PY fol
     --k 3 > /dev/null
 train_steps() {  # name, then train.py flags
     name=$1; shift
-    timeout 90 $PY train.py --data-dir /tmp/trashseg_gpu_demo --fold 0 --epochs 2 --val-every 99 --workers 4 \
+    timeout 60 $PY train.py --data-dir /tmp/trashseg_gpu_demo --fold 0 --epochs 2 --val-every 99 --workers 4 \
         --output-dir "/tmp/trashseg_gpu_runs/$name" --force "$@" > "$REPORT_DIR/train_$name.log" 2>&1
     $PY - "$name" "/tmp/trashseg_gpu_runs/$name/log.jsonl" <<'PY' | tee -a "$REPORT"
 import json, sys
