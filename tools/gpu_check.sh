@@ -74,7 +74,7 @@ tests_rc=${PIPESTATUS[0]}
 say '```'
 
 say ""; say "## bench: 512 px, batch 8 (train: fp16 autocast + channels_last, fp32, fp32 + channels_last; infer: fp16)"
-# resnet50 only: with convnext_tiny and SMP beside it the section outran 100 s on an H200 (cuDNN tunes each variant)
+# resnet50 only: with convnext_tiny and SMP beside it the section outran 100 s on an H200
 peer=(); $PY -c "import segmentation_models_pytorch" 2>/dev/null && peer=(--peer smp)
 timeout 180 $PY bench.py --device cuda --sections train infer --archs deeplabv3plus unet --backbones resnet50 \
     --img-size 512 -b 8 --steps 5 --repeats 2 "${peer[@]}" --json "$REPORT_DIR/bench.json" 2>&1 \
