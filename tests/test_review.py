@@ -183,6 +183,22 @@ def test_corrupt_labels_is_seeded_and_truthful(setup, tmp_path):
     assert all(by_id[i] == original[i] for i in untouched)
 
 
+def test_corrupt_labels_touches_only_the_drawn_share_of_photos(setup):
+    _, json_path, _, _ = setup
+    raw = json.loads(json_path.read_text())
+    raw["images"] = [dict(raw["images"][0], id=i, file_name=f"p{i}.png") for i in range(40)]
+    raw["annotations"] = [dict(ann(i % 40, 1 + i % 3, (0, 0, 20, 20)), id=i + 1) for i in range(400)]
+    rates = {"swap": 0.5, "delete": 0.0, "grow": 0.0, "shrink": 0.0}
+    _, every = corrupt_labels.corrupt(raw, rates, 0.1, seed=3)
+    _, some = corrupt_labels.corrupt(raw, rates, 0.1, seed=3, photos=0.25)
+    touched = {r["image"] for r in some}
+    assert len(touched) == 10  # each of the 10 drawn photos holds 10 annotations, half of them swapped
+    # the same annotation draws as with every photo, only those outside the drawn photos are spared
+    assert [r for r in every if r["image"] in touched] == some
+    with pytest.raises(ValueError, match="--photos"):
+        corrupt_labels.corrupt(raw, rates, 0.1, seed=3, photos=1.5)
+
+
 def test_corrupt_labels_writes_noisy_train_folds(setup, tmp_path):
     data, json_path, _, _ = setup
     folds = tmp_path / "folds"

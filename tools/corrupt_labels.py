@@ -37,6 +37,9 @@ def parse_args(argv=None):
         p.add_argument(f"--{kind}", type=float, default=rate, help=f"share of annotations (default {rate})")
     p.add_argument("--margin", type=float, default=0.1, help="grow/shrink by this x sqrt(area) pixels")
     p.add_argument("--min-area", type=float, default=0, help="only annotations of at least this area are corrupted")
+    p.add_argument("--photos", type=float, default=1.0, metavar="SHARE",
+                   help="only annotations in this share of the photos (drawn with the seed) are corrupted, so that "
+                        "clean photos are left to rank against (default 1: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds-dir", help="also write a copy of this folds folder with noisy train folds")
     p.add_argument("--output-folds-dir")
@@ -54,13 +57,19 @@ def moved_outline(ann, height, width, pixels):
     return rle_of(moved), int(moved.sum())
 
 
-def corrupt(raw, rates, margin, seed, min_area=0):
-    """(noisy COCO dict, truth records). rates: kind -> share of the annotations of at least min_area."""
+def corrupt(raw, rates, margin, seed, min_area=0, photos=1.0):
+    """(noisy COCO dict, truth records). rates: kind -> share of the annotations of at least min_area in the
+    corruptible photos (a `photos` share of them)."""
     if sum(rates.values()) > 1:
         raise ValueError("the corruption rates add up to more than 1")
+    if not 0 <= photos <= 1:
+        raise ValueError(f"--photos {photos}: a share from 0 to 1")
     rng = np.random.default_rng(seed)
     noisy = copy.deepcopy(raw)
     images = {img["id"]: img for img in noisy["images"]}
+    # a stream of its own, so that the annotation draws of a seed do not depend on the photo share
+    ids = sorted(images)
+    corruptible = set(np.random.default_rng([seed, 1]).permutation(ids)[:round(photos * len(ids))].tolist())
     used = sorted({a["category_id"] for a in noisy.get("annotations", [])})
     names = {c["id"]: c["name"] for c in noisy.get("categories", [])}
     edges = np.cumsum([rates[k] for k in KINDS])
@@ -70,11 +79,15 @@ def corrupt(raw, rates, margin, seed, min_area=0):
         kind = next((k for k, edge in zip(KINDS, edges) if draw < edge), None)
         if float(ann.get("area", 0)) < min_area:
             kind = None
+        if kind == "swap":  # drawn before the photo check, so that a spared photo leaves the stream as it was
+            new = int(rng.choice([c for c in used if c != ann["category_id"]])) if len(used) > 1 else None
+            kind = kind if new is not None else None  # one category: nothing to swap to
+        if ann["image_id"] not in corruptible:
+            kind = None
         image = images[ann["image_id"]]
         record = {"annotation": ann["id"], "image": image["file_name"], "kind": kind,
                   "category": names.get(ann["category_id"])}
-        if kind == "swap" and len(used) > 1:
-            new = int(rng.choice([c for c in used if c != ann["category_id"]]))
+        if kind == "swap":
             record["to"] = names.get(new)
             ann["category_id"] = new
         elif kind == "delete":
@@ -117,13 +130,13 @@ def main(argv=None):
     try:
         raw = read_json(source)
         rates = {k: getattr(args, k) for k in KINDS}
-        noisy, truth = corrupt(raw, rates, args.margin, args.seed, args.min_area)
+        noisy, truth = corrupt(raw, rates, args.margin, args.seed, args.min_area, args.photos)
     except (DataError, ValueError) as e:
         sys.exit(f"error: {source}: {e}")
     write_json(args.output, noisy)
     counts = {k: sum(r["kind"] == k for r in truth) for k in KINDS}
     write_json(args.truth, {"source": str(source), "seed": args.seed, "rates": rates, "margin": args.margin,
-                            "min_area": args.min_area,
+                            "min_area": args.min_area, "photos": args.photos,
                             "annotations": len(raw.get("annotations", [])), "counts": counts, "corrupted": truth})
     if args.folds_dir:
         write_noisy_folds(Path(args.folds_dir), Path(args.output_folds_dir or args.folds_dir + "_noisy"), noisy)
