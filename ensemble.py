@@ -23,9 +23,9 @@ import torch
 from cleanup import remove_small_regions
 from coco import DataError, default_cache_dir, load_coco, load_mask, open_mask_cache, read_mask
 from metrics import confusion_matrix, segmentation_metrics
-from outputs import (CONFIDENCE_BINS, PSEUDO_THRESHOLD, OutputError, add_confidences, balanced_thresholds, csv_row,
+from outputs import (CONFIDENCE_BINS, PSEUDO_BALANCE, OutputError, add_confidences, balanced_thresholds, csv_row,
                      mask_name, prepare_output_dir, read_predictions, read_probs, save_pseudo, write_json,
-                     write_pseudo, write_results, write_submission)
+                     pseudo_rule, write_pseudo, write_results, write_submission)
 
 
 def read_input(path):
@@ -115,12 +115,12 @@ def main(argv=None):
     p.add_argument("--min-region", type=int, default=0, metavar="N",
                    help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json from the averaged probabilities")
-    p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
-                   help="with --pseudo: pixels whose averaged top probability is below T are ignored in training "
-                        "(default %(default)s; 0: every pixel)")
+    p.add_argument("--pseudo-threshold", type=float, metavar="T",
+                   help="with --pseudo: one threshold for all classes in place of class-balanced selection: pixels "
+                        "whose averaged top probability is below T are ignored in training (0: every pixel)")
     p.add_argument("--pseudo-balance", type=float, metavar="P",
-                   help="with --pseudo: class-balanced selection in place of --pseudo-threshold: each predicted "
-                        "class keeps its P%% most confident pixels over all images (one threshold per class)")
+                   help="with --pseudo: each predicted class keeps its P%% most confident pixels over all images (one "
+                        f"threshold per class; the default, at {PSEUDO_BALANCE}, unless --pseudo-threshold is given)")
     p.add_argument("--csv-size", type=int, default=256)
     p.add_argument("--eval", action="store_true", help="score against --json's annotations")
     p.add_argument("--data-dir", help="default: the one predict.py used")
@@ -246,17 +246,15 @@ def read_weights(path):
 def pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args):
     """--pseudo-threshold, or with --pseudo-balance one threshold per class from a first pass over every image's
     averaged probabilities."""
-    if args.pseudo_balance is None:
-        return args.pseudo_threshold
-    if not 0 < args.pseudo_balance <= 100:
-        raise OutputError(f"--pseudo-balance {args.pseudo_balance}: give the share of each class to keep, in "
-                          f"percent (0 < P <= 100)")
+    threshold, balance = pseudo_rule(args.pseudo_threshold, args.pseudo_balance)
+    if balance is None:
+        return threshold
     histogram = torch.zeros(len(class_names), CONFIDENCE_BINS, dtype=torch.int64)
     for name in inputs[0]["order"]:
         probs = vote_image(inputs, weights, name, mode, soft_possible, len(class_names), with_probs=True)[1]
         add_confidences(probs, histogram)
-    thresholds = balanced_thresholds(histogram, args.pseudo_balance / 100)
-    print(f"class-balanced pseudo labels ({args.pseudo_balance:g}% of each class): thresholds " +
+    thresholds = balanced_thresholds(histogram, balance / 100)
+    print(f"class-balanced pseudo labels ({balance:g}% of each class): thresholds " +
           ", ".join(f"{n} {float(t):.3f}" for n, t, c in zip(class_names, thresholds, histogram.sum(1)) if c > 0))
     return thresholds
 

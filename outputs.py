@@ -223,9 +223,22 @@ def write_per_image(path, rows, class_names):
 
 # ----------------------------------------------------------------------------- pseudo labels
 
-# a pixel teaches only where the top probability reaches this: 0.9 beat argmax labels (0) on every set measured,
-# beyond a seed's spread on garbage and camvid (docs/results.md, issue 22)
-PSEUDO_THRESHOLD = 0.9
+# each predicted class keeps this share (%) of its surest pixels: it beat one threshold for all (0.9) on every fold of
+# garbage and camvid, which starves the confusable classes (docs/results.md, issue 36)
+PSEUDO_BALANCE = 50
+
+
+def pseudo_rule(threshold, balance):
+    """(threshold, balance) for --pseudo: one threshold for all classes when --pseudo-threshold is given, else
+    class-balanced selection (--pseudo-balance, default PSEUDO_BALANCE)."""
+    if threshold is not None and balance is not None:
+        raise OutputError(f"give --pseudo-threshold {threshold:g} or --pseudo-balance {balance:g}, not both")
+    if threshold is None and balance is None:
+        balance = PSEUDO_BALANCE
+    if balance is not None and not 0 < balance <= 100:
+        raise OutputError(f"--pseudo-balance {balance:g}: give the share of each class to keep, in percent "
+                          "(0 < P <= 100)")
+    return threshold, balance
 
 
 def pseudo_mask(probs, threshold):

@@ -25,9 +25,9 @@ from coco import IGNORE_INDEX, DataError, default_cache_dir, load_coco
 from dataset import SegmentationDataset, collate_full_masks
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
-from outputs import (CONFIDENCE_BINS, PSEUDO_THRESHOLD, OutputError, add_confidences, balanced_thresholds,
-                     mask_name, prepare_output_dir, read_probs, save_pseudo, write_json, write_pseudo, write_results,
-                     writing)
+from outputs import (CONFIDENCE_BINS, PSEUDO_BALANCE, OutputError, add_confidences, balanced_thresholds,
+                     mask_name, prepare_output_dir, pseudo_rule, read_probs, save_pseudo, write_json, write_pseudo,
+                     write_results, writing)
 
 
 def prob_shape(height, width, max_side):
@@ -96,12 +96,13 @@ def get_args_parser():
     p.add_argument("--min-region", type=int, default=0, metavar="N",
                    help="regions (specks, holes) under N pixels at the image's size take the class around them")
     p.add_argument("--pseudo", action="store_true", help="write pseudo.json for train.py --pseudo")
-    p.add_argument("--pseudo-threshold", type=float, default=PSEUDO_THRESHOLD, metavar="T",
-                   help="with --pseudo: pixels whose top probability (after TTA and scales) is below T are ignored "
-                        "in training; only confident pixels teach (default %(default)s; 0: every pixel, the argmax)")
+    p.add_argument("--pseudo-threshold", type=float, metavar="T",
+                   help="with --pseudo: one threshold for all classes in place of class-balanced selection: pixels "
+                        "whose top probability (after TTA and scales) is below T are ignored in training (0: every "
+                        "pixel, the argmax)")
     p.add_argument("--pseudo-balance", type=float, metavar="P",
-                   help="with --pseudo: class-balanced selection in place of --pseudo-threshold: each predicted "
-                        "class keeps its P%% most confident pixels over all images (a second pass over probs/)")
+                   help="with --pseudo: each predicted class keeps its P%% most confident pixels over all images (a "
+                        f"second pass over probs/; the default, at {PSEUDO_BALANCE}, unless --pseudo-threshold is given)")
     p.add_argument("--skip-bad", action="store_true",
                    help="photos that cannot be read (missing, damaged, mis-sized) get a placeholder: an all-Background "
                         "row in submission.csv and mask, marked in predictions.json; --eval scores the rest")
@@ -209,9 +210,13 @@ def predict_or_clean_up(model, loader, out_dir, img_size, flips, args, device, c
 
 
 def run(args):
-    if args.pseudo_balance is not None and not (args.pseudo and 0 < args.pseudo_balance <= 100 and not args.no_probs):
-        raise OutputError(f"--pseudo-balance {args.pseudo_balance}: give it with --pseudo, without --no-probs, as "
-                          "the share of each class to keep in percent (0 < P <= 100)")
+    if args.pseudo:
+        args.pseudo_threshold, args.pseudo_balance = pseudo_rule(args.pseudo_threshold, args.pseudo_balance)
+        if args.pseudo_balance and args.no_probs:
+            raise OutputError("--pseudo's class-balanced selection reads probs/: drop --no-probs, or give "
+                              "--pseudo-threshold T (one threshold for all classes)")
+    elif args.pseudo_balance is not None or args.pseudo_threshold is not None:
+        raise OutputError("--pseudo-threshold and --pseudo-balance choose the pixels of --pseudo: give --pseudo too")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
     model, info = load_network(ckpt_path, device, args.channels_last)

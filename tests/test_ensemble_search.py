@@ -119,11 +119,16 @@ def test_one_input_is_rethresholded_for_pseudo_labels_but_not_voted_alone(labell
         ensemble.main([str(a), "--output-dir", str(tmp_path / "alone")])
 
 
-def test_pseudo_labels_by_default_keep_only_pixels_at_least_90_percent_sure(labelled, tmp_path):
+def test_pseudo_labels_by_default_keep_half_of_each_class(labelled, tmp_path):
     root, masks = labelled
-    for top, kept in ((0.85, False), (0.95, True)):  # top probability top + (1 - top) / 11: 0.864 and 0.955
-        out = tmp_path / f"pseudo_{top}"
-        ensemble.main([str(member(tmp_path / f"m{top}", masks, True, top)), "--pseudo", "--output-dir", str(out)])
-        pseudo, mask = read_pseudo(out, 0)
-        assert pseudo["pseudo_threshold"] == 0.9
-        assert np.array_equal(mask, masks["a.jpg"]) if kept else (mask == 255).all()
+    member_dir = member(tmp_path / "m", masks, True, 0.9)
+    ensemble.main([str(member_dir), "--pseudo", "--output-dir", str(tmp_path / "default")])
+    ensemble.main([str(member_dir), "--pseudo", "--pseudo-balance", "50", "--output-dir", str(tmp_path / "half")])
+    default, half = json.loads((tmp_path / "default" / "pseudo.json").read_text()), \
+        json.loads((tmp_path / "half" / "pseudo.json").read_text())
+    assert isinstance(default["pseudo_threshold"], dict) and default["pseudo_threshold"] == half["pseudo_threshold"]
+    for i in range(2):
+        assert np.array_equal(read_pseudo(tmp_path / "default", i)[1], read_pseudo(tmp_path / "half", i)[1])
+    with pytest.raises(SystemExit, match="not both"):
+        ensemble.main([str(member_dir), "--pseudo", "--pseudo-threshold", "0.9", "--pseudo-balance", "50",
+                       "--output-dir", str(tmp_path / "both")])

@@ -93,5 +93,10 @@ def test_predict_writes_balanced_pseudo_labels(demo_dir, tmp_path, capsys):
         if total > 500:  # each class keeps its 40% surest pixels (up to one histogram bin of ties)
             assert 0.38 <= kept[c] / total <= 0.45, (c, kept[c] / total)
     assert "class-balanced" not in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="with --pseudo, without --no-probs"):
+    with pytest.raises(SystemExit, match="reads probs/: drop --no-probs"):
         predict.main(args[:-2] + ["--no-probs", "--output-dir", str(tmp_path / "x")])
+    default = [a for a in args if a not in ("--pseudo-balance", "40")]
+    with pytest.raises(SystemExit, match="reads probs/: drop --no-probs"):  # the default is class-balanced too
+        predict.main(default[:-2] + ["--no-probs", "--output-dir", str(tmp_path / "y")])
+    with pytest.raises(SystemExit, match="give --pseudo too"):
+        predict.main([a for a in args if a != "--pseudo"][:-2] + ["--output-dir", str(tmp_path / "z")])
