@@ -244,8 +244,8 @@ def read_weights(path):
 
 
 def pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args):
-    """--pseudo-threshold, or with --pseudo-balance one threshold per class from a first pass over every image's
-    averaged probabilities."""
+    """One threshold for all classes (--pseudo-threshold), or by default one per class (class-balanced, from a first
+    pass over every image's averaged probabilities)."""
     threshold, balance = pseudo_rule(args.pseudo_threshold, args.pseudo_balance)
     if balance is None:
         return threshold
