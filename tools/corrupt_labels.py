@@ -80,8 +80,10 @@ def corrupt(raw, rates, margin, seed, min_area=0, photos=1.0):
         if float(ann.get("area", 0)) < min_area:
             kind = None
         if kind == "swap":  # drawn before the photo check, so that a spared photo leaves the stream as it was
-            new = int(rng.choice([c for c in used if c != ann["category_id"]])) if len(used) > 1 else None
-            kind = kind if new is not None else None  # one category: nothing to swap to
+            others = [c for c in used if c != ann["category_id"]]
+            new = int(rng.choice(others)) if others else None
+            if new is None:  # one category: nothing to swap to
+                kind = None
         if ann["image_id"] not in corruptible:
             kind = None
         image = images[ann["image_id"]]
