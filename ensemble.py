@@ -246,7 +246,7 @@ def read_weights(path):
 def pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args):
     """One threshold for all classes (--pseudo-threshold), or by default one per class (class-balanced, from a first
     pass over every image's averaged probabilities)."""
-    threshold, balance = pseudo_rule(args.pseudo_threshold, args.pseudo_balance)
+    threshold, balance = args.pseudo_threshold, args.pseudo_balance
     if balance is None:
         return threshold
     histogram = torch.zeros(len(class_names), CONFIDENCE_BINS, dtype=torch.int64)
@@ -260,6 +260,7 @@ def pseudo_threshold(inputs, weights, mode, soft_possible, class_names, args):
 
 
 def run(args):
+    args.pseudo_threshold, args.pseudo_balance = pseudo_rule(args.pseudo, args.pseudo_threshold, args.pseudo_balance)
     out_dir = Path(args.output_dir)
     paths = [Path(i) for i in args.inputs if Path(i).resolve() != out_dir.resolve()]  # `preds/*` may hold it
     # one input is enough to re-threshold its pseudo labels or clean its masks without running the network again

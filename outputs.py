@@ -228,9 +228,13 @@ def write_per_image(path, rows, class_names):
 PSEUDO_BALANCE = 50
 
 
-def pseudo_rule(threshold, balance):
+def pseudo_rule(pseudo, threshold, balance):
     """(threshold, balance) for --pseudo: one threshold for all classes when --pseudo-threshold is given, else
-    class-balanced selection (--pseudo-balance, default PSEUDO_BALANCE)."""
+    class-balanced selection (--pseudo-balance, default PSEUDO_BALANCE); (None, None) without --pseudo."""
+    if not pseudo:
+        if threshold is not None or balance is not None:
+            raise OutputError("--pseudo-threshold and --pseudo-balance choose the pixels of --pseudo: give --pseudo too")
+        return None, None
     if threshold is not None and balance is not None:
         raise OutputError(f"give --pseudo-threshold {threshold:g} or --pseudo-balance {balance:g}, not both")
     if threshold is None and balance is None:

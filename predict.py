@@ -210,13 +210,10 @@ def predict_or_clean_up(model, loader, out_dir, img_size, flips, args, device, c
 
 
 def run(args):
-    if args.pseudo:
-        args.pseudo_threshold, args.pseudo_balance = pseudo_rule(args.pseudo_threshold, args.pseudo_balance)
-        if args.pseudo_balance and args.no_probs:
-            raise OutputError("--pseudo's class-balanced selection reads probs/: drop --no-probs, or give "
-                              "--pseudo-threshold T (one threshold for all classes)")
-    elif args.pseudo_balance is not None or args.pseudo_threshold is not None:
-        raise OutputError("--pseudo-threshold and --pseudo-balance choose the pixels of --pseudo: give --pseudo too")
+    args.pseudo_threshold, args.pseudo_balance = pseudo_rule(args.pseudo, args.pseudo_threshold, args.pseudo_balance)
+    if args.pseudo_balance and args.no_probs:
+        raise OutputError("--pseudo's class-balanced selection reads probs/: drop --no-probs, or give "
+                          "--pseudo-threshold T (one threshold for all classes)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
     model, info = load_network(ckpt_path, device, args.channels_last)

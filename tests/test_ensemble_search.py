@@ -132,3 +132,7 @@ def test_pseudo_labels_by_default_keep_half_of_each_class(labelled, tmp_path):
     with pytest.raises(SystemExit, match="not both"):
         ensemble.main([str(member_dir), "--pseudo", "--pseudo-threshold", "0.9", "--pseudo-balance", "50",
                        "--output-dir", str(tmp_path / "both")])
+    for flag, value in (("--pseudo-balance", "80"), ("--pseudo-threshold", "0.9")):  # as predict.py: never ignored
+        with pytest.raises(SystemExit, match="give --pseudo too"):
+            ensemble.main([str(member_dir), flag, value, "--output-dir", str(tmp_path / "no_pseudo")])
+        assert not (tmp_path / "no_pseudo").exists()
