@@ -17,9 +17,11 @@ Scores, with T = --threshold:
 - missing region: a connected region (4-neighbours) of >= --min-area pixels, at the image's own size, that the label
   calls Background and the models call one object class with probability >= T. share = its part of the predicted
   object around it (a whole object unlabelled: 1; a rim an outline left out: small); doubt = share x confidence.
-- image: by default the doubt of its most doubtful suspect (--image-score max): one wrong annotation spoils a photo
-  however many right ones lie beside it; `sum` adds the doubts up; `area` is the share of the image's pixels whose
-  top class differs from the label with probability >= T.
+- image: by default (--image-score own) 1 - the probability the models give each pixel's labelled class, at the
+  image's 5th percentile: its worst 5% of pixels, small annotations, outlines and unlabelled objects included, so one
+  wrong annotation spoils a photo however many right ones lie beside it; `max` is the doubt of its most doubtful
+  suspect, `sum` adds the doubts up, `area` is the share of its pixels whose top class differs from the label with
+  probability >= T. `own` ranked photos best on every noisy copy measured (docs/results.md).
 Outputs: suspects.csv (most doubtful first), images.csv (worst first), exclude.txt (images scoring >= --exclude-above,
 for --exclude), relabel.json (the input with suggested classes written in; see --relabel-above), missing.json (the
 missing regions as COCO annotations), review.json (counts, settings, time), vis/ (--vis N).
@@ -43,6 +45,10 @@ class ReviewError(ValueError):
     """The inputs cannot be reviewed: the message names the folder or file and what is wrong."""
 
 
+OWN_QUANTILE = 0.05  # --image-score own: the worst 5% of an image's pixels
+EXCLUDE_OWN, EXCLUDE_DOUBT = 0.95, 0.5  # --exclude-above's defaults, measured: docs/results.md
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("oof_dirs", nargs="+", help="predict.py --eval output folders with probs/ (out-of-fold)")
@@ -57,15 +63,20 @@ def parse_args(argv=None):
                         "size: a few pixels are no evidence (default %(default)s)")
     p.add_argument("--min-share", type=float, default=0.1,
                    help="suspects (annotations and missing regions) listed from this share on (default %(default)s)")
-    p.add_argument("--image-score", choices=("max", "sum", "area"), default="max")
-    p.add_argument("--exclude-above", type=float, default=0.5, metavar="SCORE",
-                   help="exclude.txt lists the images scoring at least this (default %(default)s)")
+    p.add_argument("--image-score", choices=("own", "max", "sum", "area"), default="own")
+    p.add_argument("--exclude-above", type=float, metavar="SCORE",
+                   help=f"exclude.txt lists the images scoring at least this (default {EXCLUDE_OWN} for the image "
+                        f"score own: 5%% of the pixels at most {1 - EXCLUDE_OWN:.2f} sure of their label; "
+                        f"{EXCLUDE_DOUBT} for the others)")
     p.add_argument("--relabel-above", type=float, default=0.5, metavar="DOUBT",
                    help="relabel.json takes suggestions from this doubt on (default %(default)s)")
     p.add_argument("--vis", type=int, default=0, metavar="N", help="pictures of the N most doubtful suspects")
     p.add_argument("--partial", action="store_true", help="review only the labelled images the folders cover")
     p.add_argument("--force", action="store_true", help="replace the outputs of an existing --output-dir")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.exclude_above is None:
+        args.exclude_above = EXCLUDE_OWN if args.image_score == "own" else EXCLUDE_DOUBT
+    return args
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -162,7 +173,8 @@ def missing_regions(label, top, confidence, threshold, min_area):
 
 
 def review_image(image, anns, probs, cat_to_class, class_names, args):
-    """Suspects of one image: dicts with the suspects.csv fields plus doubt (and the region mask of missing ones)."""
+    """Suspects of one image (dicts with the suspects.csv fields plus doubt, and the region mask of missing ones), and
+    its pixel-based image scores (area, own)."""
     label, owner, anns = paint_owners(image, anns, cat_to_class)
     confidence, top = probs.max(0)
     confidence, top = confidence.numpy(), top.numpy().astype(np.int64)
@@ -186,15 +198,17 @@ def review_image(image, anns, probs, cat_to_class, class_names, args):
         suspects.append({"image": image["file_name"], "annotation": "missing", "labelled": "",
                          "suggested": class_names[cls], "share": region_share, "confidence": conf, "area": area,
                          "doubt": region_share * conf, "rle": rle})
-    disagree = float(((top != label) & (confidence >= args.threshold)).mean())
-    return suspects, disagree
+    pixels = {"area": float(((top != label) & (confidence >= args.threshold)).mean()),
+              "own": 1 - float(np.quantile(own, OWN_QUANTILE))}
+    return suspects, pixels
 
 
-def image_score(suspects, disagree, how):
+def image_score(suspects, pixels, how):
     """max: the most doubtful suspect's doubt; sum: all doubts added; area: the share of the image's pixels whose
-    top class differs from the label with probability >= T."""
-    if how == "area":
-        return disagree
+    top class differs from the label with probability >= T; own: 1 - the labelled class's probability at the
+    OWN_QUANTILE of the image's pixels."""
+    if how in pixels:
+        return pixels[how]
     doubts = [s["doubt"] for s in suspects]
     if not doubts:
         return 0.0
@@ -206,7 +220,7 @@ def image_score(suspects, disagree, how):
 def write_exclude(path, scores, above, how):
     names = [name for name, score, _ in scores if score >= above]
     with writing(path, path):
-        Path(path).write_text(f"# review.py: {len(names)} image(s) whose {how} doubt is >= {above}\n" +
+        Path(path).write_text(f"# review.py: {len(names)} image(s) whose image score ({how}) is >= {above}\n" +
                               "".join(name + "\n" for name in names))
     return len(names)
 
@@ -313,8 +327,8 @@ def run(args):
     suspects, scores = [], []
     for n, image in enumerate(images):
         probs = image_probs(by_image[image["file_name"]], image, len(class_names))
-        found, disagree = review_image(image, coco.annotations(image), probs, coco.cat_to_class, class_names, args)
-        scores.append((image["file_name"], image_score(found, disagree, args.image_score), len(found)))
+        found, pixels = review_image(image, coco.annotations(image), probs, coco.cat_to_class, class_names, args)
+        scores.append((image["file_name"], image_score(found, pixels, args.image_score), len(found)))
         suspects += found
         if (n + 1) % 200 == 0:
             print(f"{n + 1}/{len(images)} images")
@@ -323,6 +337,9 @@ def run(args):
     write_suspects(out_dir / "suspects.csv", suspects)
     write_review_images(out_dir / "images.csv", scores)
     excluded = write_exclude(out_dir / "exclude.txt", scores, args.exclude_above, args.image_score)
+    if excluded > len(images) / 2:
+        print(f"note: exclude.txt lists {excluded} of {len(images)} photos: the models doubt most of them, which says "
+              "more about the models (trained too little to judge?) than the labels; read images.csv first")
     raw = read_json(resolve_json(args.data_dir, args.json))
     image_ids = {img["file_name"]: img["id"] for img in coco.images}
     write_missing(out_dir / "missing.json", raw, suspects, image_ids, coco.cat_to_class, class_names)

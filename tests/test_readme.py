@@ -21,8 +21,9 @@ SHRINK = {  # script -> overrides appended to each of its commands
     "folds.py": ["--k", "2"],
     "data.py": ["--num-images", "12"],
     "cv.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100"],
-    # a 1-epoch demo model doubts nearly every photo: a list of them all would leave train.py --exclude nothing
-    "review.py": ["--exclude-above", "0.95"],
+    # a 1-epoch demo model doubts nearly every photo (review.py says so): a list of them all would leave
+    # train.py --exclude nothing; its doubt-based score at 0.95 lists few
+    "review.py": ["--image-score", "max", "--exclude-above", "0.95"],
 }
 OFFLINE_WEIGHTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 SKIPPED = {  # how a command starts -> why it is not run here

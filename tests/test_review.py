@@ -98,7 +98,7 @@ def test_finds_the_swap_and_the_missing_object(setup):
     assert [(r["image"], r["suggested"], int(r["area"])) for r in missing] == [("b.jpg", "Metal", 130)]
     assert {r["annotation"] for r in rows} == {"1", "missing"}  # the right annotations are not suspects
     images = read_rows(out / "images.csv")
-    assert [r["image"] for r in images][:2] == ["a.jpg", "b.jpg"] and float(images[2]["score"]) == 0
+    assert [r["image"] for r in images] == ["a.jpg", "b.jpg", "c.jpg"] and float(images[2]["score"]) < 0.1
     excluded, _ = read_exclude_list(out / "exclude.txt")
     assert excluded == ["a.jpg", "b.jpg"]
     relabel = json.loads((out / "relabel.json").read_text())
@@ -122,14 +122,24 @@ def test_relabelled_json_trains_as_a_coco_file(setup):
     assert (mask[25:35, 25:38] == 2).all() and mask.sum() == 400 + 2 * 130
 
 
-def test_image_scores_and_threshold(setup):
+def test_image_scores_and_threshold(setup, capsys):
     data, _, _, out = setup
     run_review(setup, "--threshold", "0.99", "--force")  # no pixel is that sure: nothing is doubtful
     assert read_rows(out / "suspects.csv") == []
-    run_review(setup, "--image-score", "area", "--force")
+    summary = run_review(setup, "--image-score", "area", "--force")
+    assert summary["settings"]["exclude_above"] == review.EXCLUDE_DOUBT  # the default follows the score's scale
     scores = {r["image"]: float(r["score"]) for r in read_rows(out / "images.csv")}
     assert scores["a.jpg"] == pytest.approx((900 - 36) / 1600, abs=1e-4)
     assert scores["b.jpg"] == pytest.approx(130 / 1600, abs=1e-4)
+    # own (the default): 1 - the labelled class's probability at the worst 5% of pixels; b's unlabelled object
+    # is 8% of the image
+    summary = run_review(setup, "--force")
+    assert summary["settings"]["image_score"] == "own" and summary["settings"]["exclude_above"] == review.EXCLUDE_OWN
+    assert "exclude.txt lists 2 of 3 photos" in capsys.readouterr().out  # most photos doubted: said so
+    scores = {r["image"]: float(r["score"]) for r in read_rows(out / "images.csv")}
+    assert scores["a.jpg"] == pytest.approx(1 - 0.05 / 3, abs=1e-3)
+    assert scores["b.jpg"] == pytest.approx(1 - 0.05 / 3, abs=1e-3)
+    assert scores["c.jpg"] == pytest.approx(0.05, abs=1e-3)
 
 
 def test_errors_name_the_folder(setup, tmp_path):
@@ -243,3 +253,13 @@ def test_bench_scores_the_review_against_the_truth(setup, tmp_path):
                                               "recall_at_2K_all": 1.0, "suggestion_right": 1.0}
     assert figures["missing"]["precision_at_K"] == 1.0
     assert figures["images"]["review"]["AP"] == 1.0 and figures["images"]["loss (per_image.csv)"]["AP"] == 1.0
+
+
+def test_bench_also_scores_the_swaps_large_enough_to_judge():
+    # two swaps, one under review.py's --min-area: the ranking can reach one of them, and is scored on it as well
+    truth = [{"annotation": 1, "kind": "swap", "category": "Paper"},
+             {"annotation": 2, "kind": "swap", "category": "Metal"}]
+    suspects = [{"annotation": "1", "suggested": "Paper"}, {"annotation": "7", "suggested": "Glass"}]
+    swap = review_bench.annotation_figures(suspects, truth, judged={1, 7})["swap"]
+    assert (swap["K"], swap["precision_at_K"], swap["K_judged"], swap["precision_at_K_judged"]) == (2, 0.5, 1, 1.0)
+    assert "K_judged" not in review_bench.annotation_figures(suspects, truth, judged={1, 2, 7})["swap"]

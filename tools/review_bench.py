@@ -64,7 +64,18 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def annotation_figures(suspects, truth):
+def judged_annotations(coco, min_area):
+    """Ids of the annotations with at least min_area pixels (the COCO area; review.py judges its visible pixels, a
+    little fewer where annotations overlap): the ones review.py can rank at its --min-area."""
+    judged = set()
+    for img in coco.images:
+        for ann in coco.anns_by_image.get(img["id"], []):
+            if (ann.get("area") or annotation_bitmap(ann, img["height"], img["width"]).sum()) >= min_area:
+                judged.add(ann["id"])
+    return judged
+
+
+def annotation_figures(suspects, truth, judged):
     ranked = [int(r["annotation"]) for r in suspects if r["annotation"] != "missing"]
     suggestion = {int(r["annotation"]): r["suggested"] for r in suspects if r["annotation"] != "missing"}
     kinds = {r["annotation"]: r for r in truth if r["kind"] != "delete"}
@@ -80,6 +91,11 @@ def annotation_figures(suspects, truth):
                      "recall_at_2K": sum(a in wanted for a in top_2k) / k,
                      # the kind's share found among the 2K most doubtful of all (K = every corrupted annotation)
                      "recall_at_2K_all": sum(a in wanted for a in ranked[:2 * total]) / k}
+        # the same among those large enough to be judged at review.py's --min-area: what its ranking can reach
+        judgeable = wanted & judged
+        if judgeable and len(judgeable) < k:
+            out[kind]["K_judged"] = len(judgeable)
+            out[kind]["precision_at_K_judged"] = sum(a in judgeable for a in ranked[:len(judgeable)]) / len(judgeable)
         if kind == "swap":
             found = [a for a in top_k if a in wanted]
             right = sum(suggestion[a] == kinds[a]["category"] for a in found)
@@ -146,7 +162,8 @@ def main(argv=None):
     suspects = read_csv(Path(args.review_dir) / "suspects.csv")
     coco = load_coco(args.data_dir, args.json, check_files=False)
     images = {img["file_name"]: img for img in coco.images}
-    figures = {"annotations": annotation_figures(suspects, truth),
+    min_area = json.loads((Path(args.review_dir) / "review.json").read_text())["settings"]["min_area"]
+    figures = {"annotations": annotation_figures(suspects, truth, judged_annotations(coco, min_area)),
                "missing": missing_figures(args.review_dir, truth, images)}
     score = {r["image"]: float(r["score"]) for r in read_csv(Path(args.review_dir) / "images.csv")}
     names = sorted(score)
@@ -163,6 +180,8 @@ def main(argv=None):
                             for k, v in rankings.items()}}
     for kind, f in figures["annotations"].items():
         right = f"  suggestion right {f['suggestion_right']:.3f}" if "suggestion_right" in f else ""
+        if "K_judged" in f:
+            right += f"  (>= {min_area:g} px: K {f['K_judged']}, precision@K {f['precision_at_K_judged']:.3f})"
         print(f"annotations {kind:6s} K {f['K']:5d}  precision@K {f['precision_at_K']:.3f}  recall@2K "
               f"{f['recall_at_2K']:.3f}  recall@2K(all) {f['recall_at_2K_all']:.3f}{right}")
     if figures["missing"]:
