@@ -21,7 +21,8 @@ Scores, with T = --threshold:
   image's 5th percentile: its worst 5% of pixels, small annotations, outlines and unlabelled objects included, so one
   wrong annotation spoils a photo however many right ones lie beside it; `max` is the doubt of its most doubtful
   suspect, `sum` adds the doubts up, `area` is the share of its pixels whose top class differs from the label with
-  probability >= T. `own` ranked photos best on every noisy copy measured (docs/results.md).
+  probability >= T. `own` ranked photos above `max` on every noisy copy measured, `max` above `sum` and `area`
+  (docs/results.md).
 Outputs: suspects.csv (most doubtful first), images.csv (worst first), exclude.txt (images scoring >= --exclude-above,
 for --exclude), relabel.json (the input with suggested classes written in; see --relabel-above), missing.json (the
 missing regions as COCO annotations), review.json (counts, settings, time), vis/ (--vis N).
