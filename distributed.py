@@ -31,3 +31,13 @@ def agree_on_step(loss, stop_signum, world):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     flags = flags.tolist()
     return flags[0] == 0, int(flags[1]) or None
+
+
+def rank0_value(value, world, device):
+    """Rank 0's integer on every rank (e.g. the epochs --minutes planned from rank 0's clock): ranks that each
+    planned from their own clock could disagree, and the one that stops first would leave the others waiting."""
+    if world == 1:
+        return value
+    box = torch.tensor([int(value)], device=device)
+    dist.broadcast(box, src=0)
+    return int(box.item())

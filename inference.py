@@ -7,12 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from metrics import confusion_matrix, metrics_table, segmentation_metrics
-
-
-def autocast(device, enabled):
-    """fp16 on CUDA (with a GradScaler when training), bf16 on CPU (no scaler needed)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+from precision import autocast
 
 
 def tta_flips(tta, orientation="any"):
@@ -24,10 +19,10 @@ def tta_flips(tta, orientation="any"):
 
 
 @torch.no_grad()
-def predict_probs(model, images, img_size, flips=((),), scales=(1.0,), amp=False, channels_last=False):
+def predict_probs(model, images, img_size, flips=((),), scales=(1.0,), precision="fp32", channels_last=False):
     """Softmax probabilities (N, C, img_size, img_size), averaged over scales and flips (tta_flips). Each view is
     its own forward pass (a batch of all views needs their memory at once and was not faster on the CPU:
-    docs/performance.md)."""
+    docs/performance.md). precision: precision.amp_precision's answer."""
     total = 0
     for scale in scales:
         size = max(8, round(img_size * scale))
@@ -37,7 +32,7 @@ def predict_probs(model, images, img_size, flips=((),), scales=(1.0,), amp=False
             view = x.flip(dims) if dims else x
             if channels_last:
                 view = view.contiguous(memory_format=torch.channels_last)
-            with autocast(images.device, amp):
+            with autocast(images.device, precision):
                 logits = model(view).float()
             if size != img_size:
                 logits = F.interpolate(logits, size=(img_size, img_size), mode="bilinear", align_corners=False)
@@ -53,21 +48,22 @@ def to_image_size(probs, height, width):
     return F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
-def evaluate_batch(model, images, metas, img_size, flips=((),), scales=(1.0,), amp=False, channels_last=False):
+def evaluate_batch(model, images, metas, img_size, flips=((),), scales=(1.0,), precision="fp32",
+                   channels_last=False):
     """Per image of a batch: (probabilities at the image's own size, argmax prediction there)."""
-    probs = predict_probs(model, images, img_size, flips, scales, amp, channels_last)
+    probs = predict_probs(model, images, img_size, flips, scales, precision, channels_last)
     full = [to_image_size(p, meta["height"], meta["width"]) for p, meta in zip(probs, metas)]
     return [(f, f.argmax(0)) for f in full]
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes, device, img_size, amp=False, channels_last=False):
+def evaluate(model, loader, num_classes, device, img_size, precision="fp32", channels_last=False):
     """Confusion matrix over a loader of (images, full-size masks, metas), each image scored at its own size."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, masks, metas in loader:
         images = images.to(device, non_blocking=True)
-        for (_, pred), mask in zip(evaluate_batch(model, images, metas, img_size, amp=amp,
+        for (_, pred), mask in zip(evaluate_batch(model, images, metas, img_size, precision=precision,
                                                   channels_last=channels_last), masks):
             confusion += confusion_matrix(pred, mask.to(device), num_classes)
     return confusion
@@ -76,7 +72,8 @@ def evaluate(model, loader, num_classes, device, img_size, amp=False, channels_l
 def validate(model, val_loader, class_names, epoch, args, world, device, log):
     """train.py's validation: one confusion matrix over the whole set (summed over processes), its metrics printed
     and logged."""
-    confusion = evaluate(model, val_loader, len(class_names), device, args.img_size, args.amp, args.channels_last)
+    confusion = evaluate(model, val_loader, len(class_names), device, args.img_size, args.precision,
+                         args.channels_last)
     if world > 1:
         dist.all_reduce(confusion)
     confusion = confusion.cpu()

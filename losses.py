@@ -201,3 +201,12 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def training_loss(out, masks, loss_fn, aux_weight, sample_weight=None):
+    """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one."""
+    logits, aux_logits = out if isinstance(out, tuple) else (out, None)
+    aux_loss = 0.0
+    if aux_logits is not None:
+        aux_loss = weighted_loss(loss_fn, aux_logits, masks, sample_weight) * aux_weight
+    return weighted_loss(loss_fn, logits, masks, sample_weight) + aux_loss  # main loss last: its parts are logged

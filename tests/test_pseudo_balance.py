@@ -84,8 +84,9 @@ def test_predict_writes_balanced_pseudo_labels(demo_dir, tmp_path, capsys):
     for image in pseudo["images"]:
         full = np.array(Image.open(out / "masks" / (Path(image["file_name"]).with_suffix(".png"))))
         confident = np.array(Image.open(out / image["mask_file"]))
-        # kept pixels are the prediction's own, but for near-ties the float16 probs/ order differently
-        assert (confident[confident != 255] == full[confident != 255]).mean() > 0.999
+        # kept pixels are the prediction's own, but for near-ties the float16 probs/ order differently (a 1-epoch
+        # network has many: with one torch thread 0.4% of the kept pixels, with two under 0.1%)
+        assert (confident[confident != 255] == full[confident != 255]).mean() > 0.99
         for c in np.unique(full):
             predicted[c] = predicted.get(c, 0) + (full == c).sum()
             kept[c] = kept.get(c, 0) + (confident == c).sum()

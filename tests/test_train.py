@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import predict
@@ -125,8 +126,9 @@ def test_tiny_model_overfits_the_tiny_set(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(demo_dir, tmp_path):
-    common = ["--epochs", "4", "--aug", "basic", "--val-every", "2", "--seed", "3"]
+@pytest.mark.parametrize("ema", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_resume_continues_exactly(demo_dir, tmp_path, ema):
+    common = ["--epochs", "4", "--aug", "basic", "--val-every", "2", "--seed", "3", *ema]
     train.main(tiny_args(demo_dir, tmp_path / "straight", *common))
     train.main(tiny_args(demo_dir, tmp_path / "stopped", *common, "--stop-after", "2"))
     assert load(tmp_path / "stopped" / "last.pt")["epoch"] == 1
@@ -134,19 +136,22 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
     train.main(["--resume", str(tmp_path / "stopped" / "last.pt"), "--device", "cpu"])
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "stopped" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3
-    for key in a["model"]:
-        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), atol=1e-6), key
+    for part in ("model", "train_model") if ema else ("model",):  # with --ema: the average and the trained weights
+        for key in a[part]:
+            assert torch.allclose(a[part][key].float(), b[part][key].float(), atol=1e-6), (part, key)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    assert a.get("ema_updates") == b.get("ema_updates") == (a["scheduler"]["last_epoch"] if ema else None)
 
 
 @pytest.mark.slow
-def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path):
+def test_bf16_autocast_and_copy_paste_and_class_weights_run(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRASHSEG_CPU_BF16", "1")  # --amp takes bf16 only where the CPU has it: force the check
     out = tmp_path / "amp"
     train.main(tiny_args(demo_dir, out, "--epochs", "1", "--amp", "--loss", "focal+dice", "--class-weights", "log",
                          "--copy-paste", "--aug", "strong", "--arch", "deeplabv3plus", "--decoder-convs", "2"))
     ckpt = load(out / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    assert ckpt["args"]["amp"] and ckpt["args"]["loss"] == "focal+dice"
+    assert ckpt["args"]["amp"] and ckpt["args"]["precision"] == "bf16" and ckpt["args"]["loss"] == "focal+dice"
     # the checkpoint rebuilds with its own decoder, not the default one
     assert len(model_from_checkpoint(read_checkpoint(out / "last.pt")).refine) == 2
     # a checkpoint from before --separable and --decoder-convs: a full head with the paper's two decoder convs
@@ -342,15 +347,15 @@ def test_the_default_command_starts_from_imagenet_weights_offline(demo_dir, tmp_
     def no_network(*args, **kwargs):
         raise AssertionError("a download was attempted")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    loaded = []
-    real = backbones.load_in_order
-    monkeypatch.setattr(backbones, "load_in_order", lambda net, path, name: loaded.append(path) or real(net, path, name))
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", no_network)
     out = tmp_path / "default"
-    # `python train.py --fold 0 --amp`, on the demo set at a tiny size
+    # `python train.py --fold 0 --amp`, on the demo set at a tiny size; --lr 0: the weights stay as loaded
     train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none", "--amp",
                 "--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--output-dir", str(out),
-                "--mask-cache", "none"])
-    assert loaded == [backbones.packaged_weights_file(default)]
+                "--mask-cache", "none", "--lr", "0"])
     ckpt = load(out / "last.pt")
-    assert ckpt["args"]["pretrained"] and ckpt["args"]["backbone"] == default
-    assert ckpt["args"]["drop_path"] == 0.2  # the rate in effect is recorded, not "torchvision's default"
+    assert ckpt["args"]["pretrained"] and ckpt["args"]["backbone"] == default == "mobilenet_v2"
+    assert ckpt["args"]["drop_path"] is None  # mobilenet has no stochastic depth
+    imagenet = load(backbones.packaged_weights_file(default))
+    convs = [k for k in imagenet if k.endswith("weight") and imagenet[k].ndim == 4]
+    assert convs and all(torch.equal(ckpt["model"][f"encoder.net.{k}"], imagenet[k]) for k in convs)

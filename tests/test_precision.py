@@ -1,0 +1,97 @@
+"""--amp follows the processor: bf16 autocast only on a CPU with native bf16, fp32 elsewhere, fp16 on CUDA; train.py
+and predict.py apply the same rule and record the precision that ran. The capability check is forced each way with
+TRASHSEG_CPU_BF16, so both branches run on any CPU."""
+import json
+
+import pytest
+import torch
+
+import inference
+import precision
+import predict
+import train
+from outputs import read_log
+
+
+def test_the_rule_on_each_kind_of_machine(monkeypatch):
+    monkeypatch.setenv("TRASHSEG_CPU_BF16", "0")
+    assert precision.amp_precision(torch.device("cpu"), True) == "fp32"
+    assert "no native bf16" in precision.precision_note("cpu", True)
+    monkeypatch.setenv("TRASHSEG_CPU_BF16", "1")
+    assert precision.amp_precision(torch.device("cpu"), True) == "bf16"
+    assert precision.precision_note("cpu", True) is None
+    assert precision.amp_precision(torch.device("cuda"), True) == "fp16"
+    assert precision.amp_precision("cpu", False) == precision.amp_precision("cuda", False) == "fp32"
+
+
+def test_without_an_override_the_check_reads_the_cpu(monkeypatch):
+    monkeypatch.delenv("TRASHSEG_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not precision.cpu_bf16_native()
+    # oneDNN says yes on AVX-512 without bf16 instructions (it converts in software): the bf16 flags decide on x86
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not precision.cpu_bf16_native()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert precision.cpu_bf16_native()
+
+
+def test_autocast_runs_the_convolutions_in_the_precision_asked():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    with precision.autocast(torch.device("cpu"), "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    with precision.autocast(torch.device("cpu"), "fp32"):
+        assert conv(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision.autocast("cpu", "fp8")
+
+
+def tiny(demo_dir, out, *extra):
+    return ["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "train_all.json",
+            "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "32", "-b", "4",
+            "--workers", "0", "--epochs", "1", "--output-dir", str(out), "--mask-cache", "none",
+            "--print-freq", "100", "--device", "cpu", *extra]
+
+
+def record_autocasts(monkeypatch, module):
+    """The precisions module.autocast is entered with (a list that fills as the code runs)."""
+    seen = []
+    real = precision.autocast
+
+    def spy(device, kind):
+        seen.append(kind)
+        return real(device, kind)
+    monkeypatch.setattr(module, "autocast", spy)
+    return seen
+
+
+@pytest.mark.parametrize("native, expected", [("0", "fp32"), ("1", "bf16")])
+def test_train_and_predict_follow_the_rule_and_record_it(demo_dir, tmp_path, monkeypatch, capsys, native, expected):
+    monkeypatch.setenv("TRASHSEG_CPU_BF16", native)
+    trained = record_autocasts(monkeypatch, train)
+    validated = record_autocasts(monkeypatch, inference)
+    out = tmp_path / "run"
+    train.main(tiny(demo_dir, out, "--amp"))
+    assert set(trained) == {expected} and set(validated) == {expected}
+    assert ("no native bf16" in capsys.readouterr().out) == (expected == "fp32")
+    assert json.loads((out / "config.json").read_text())["precision"] == expected
+    assert {"precision": expected} in read_log(out / "log.jsonl")
+    assert torch.load(out / "last.pt", weights_only=True)["args"]["precision"] == expected
+
+    validated.clear()
+    preds = tmp_path / "preds"
+    predict.main(["--ckpt", str(out / "last.pt"), "--data-dir", str(demo_dir), "--json", "test.json",
+                  "--output-dir", str(preds), "--workers", "0", "--device", "cpu", "--amp", "--no-probs"])
+    assert set(validated) == {expected}
+    assert json.loads((preds / "predictions.json").read_text())["timing"]["precision"] == expected
+
+
+def test_without_amp_every_machine_runs_fp32(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRASHSEG_CPU_BF16", "1")
+    trained = record_autocasts(monkeypatch, train)
+    train.main(tiny(demo_dir, tmp_path / "run"))
+    assert set(trained) == {"fp32"}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
