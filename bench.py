@@ -77,9 +77,9 @@ def bench_loader(args):
 
 # ----------------------------------------------------------------------------- networks
 
-def make_net(impl, arch, backbone, num_classes):
+def make_net(impl, arch, backbone, num_classes, head_channels=512):
     if impl == "ours":
-        return build_model(arch, backbone, num_classes, pretrained=False)
+        return build_model(arch, backbone, num_classes, pretrained=False, head_channels=head_channels)
     import segmentation_models_pytorch as smp  # benchmark-only dependency
     cls = {"deeplabv3plus": smp.DeepLabV3Plus, "unet": smp.Unet}[arch]
     return cls(encoder_name=backbone, encoder_weights=None, classes=num_classes)
@@ -153,7 +153,7 @@ def peak_memory_mb(impl, arch, backbone, variant, args):
     """Peak memory of a few training steps of one configuration in a fresh process (CPU: peak resident memory
     above the level after imports; CUDA: max allocated), so configurations do not inherit each other's peaks."""
     cmd = [sys.executable, __file__, "--_memory", impl, arch, backbone, variant, "--img-size", str(args.img_size),
-           "-b", str(args.batch_size), "--num-classes", str(args.num_classes)]
+           "-b", str(args.batch_size), "--num-classes", str(args.num_classes), "--head-channels", str(args.head_channels)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
 
@@ -177,8 +177,8 @@ def memory_child(args):
             time.sleep(0.005)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    step = train_stepper(make_net(impl, arch, backbone, args.num_classes), device, variant, args.img_size,
-                         args.batch_size, args.num_classes)
+    net = make_net(impl, arch, backbone, args.num_classes, args.head_channels)
+    step = train_stepper(net, device, variant, args.img_size, args.batch_size, args.num_classes)
     for _ in range(3):
         step()
     done.set()
@@ -198,7 +198,7 @@ def bench_train(args, device):
     print("|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for backbone in args.backbones:
-            nets = {impl: make_net(impl, arch, backbone, args.num_classes) for impl in impls}
+            nets = {impl: make_net(impl, arch, backbone, args.num_classes, args.head_channels) for impl in impls}
             steppers = {}
             for impl in impls:
                 extra = [USUAL] if impl == args.peer else [v + COMPILED for v in args.compile]
@@ -264,7 +264,7 @@ def profile_train(args, device):
         for backbone in args.backbones:
             for impl in impls:
                 variant = "fp32+cl" if impl == "ours" else USUAL
-                net = make_net(impl, arch, backbone, args.num_classes)
+                net = make_net(impl, arch, backbone, args.num_classes, args.head_channels)
                 module_ranges(net)
                 step = train_stepper(net, device, variant, args.img_size, args.batch_size, args.num_classes)
                 step()
@@ -302,7 +302,7 @@ def bench_infer(args, device):
         for backbone in args.backbones:
             steppers = {}
             for impl in impls:
-                net = make_net(impl, arch, backbone, args.num_classes).eval()
+                net = make_net(impl, arch, backbone, args.num_classes, args.head_channels).eval()
                 if impl == "ours" and args.exported:  # the same weights as a torch.export program (export.py)
                     impls_nets = [(impl, net), ("ours exported", export_program(net, args.img_size).module())]
                 else:
@@ -348,6 +348,7 @@ def main():
     p.add_argument("--archs", nargs="+", default=["deeplabv3plus", "unet"])
     p.add_argument("--backbones", nargs="+", default=["resnet18"])
     p.add_argument("--num-classes", type=int, default=11)
+    p.add_argument("--head-channels", type=int, default=512, help="our UPerNet's width (the CPU recipe: 128)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (train, infer)")
     p.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != USUAL],
                    help="train: precision/format rows of ours and the peer (default: fp32, fp32+cl, bf16, bf16+cl on "

@@ -4,6 +4,7 @@ fold's validation photos (out-of-fold predictions); per-fold figures, mean ± sd
     python cv.py --folds-dir data/folds --output-dir runs/cv_lite0 -- --amp          # flags after -- go to train.py
     python cv.py --folds-dir F --output-dir runs/cv_mnv2 --folds 0,2 --tta -- --backbone mobilenet_v2 --amp
     python cv.py --compare runs/cv_lite0 runs/cv_mnv2                                # two recipes, paired by fold
+    python cv.py --compare runs/ga_a runs/ga_b runs/cv_a runs/cv_b                   # pairs on two sets, pooled
     python cv.py --folds-dir F --output-dir runs/cv_student -- --pseudo preds/pl/fold{fold} --amp  # {fold}: the fold
 
 --output-dir holds fold<i>/ (train.py's run), oof/fold<i>/ (predict.py --eval on val_fold<i>.json: probs/, masks/,
@@ -48,7 +49,10 @@ def get_args_parser():
     p.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint predicts them")
     p.add_argument("--force", action="store_true",
                    help="train and predict every fold afresh, even where --output-dir holds finished folds")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two cv.py output dirs, paired by fold")
+    p.add_argument("--compare", nargs="+", metavar="A B",
+                   help="two cv.py output dirs, paired by fold; several pairs (A B A2 B2 ..., e.g. one per data set) "
+                        "are also pooled: B wins when it wins most folds, its mean gain exceeds twice its standard "
+                        "error, and no pair's mean goes against it beyond that pair's spread")
     return p
 
 
@@ -249,6 +253,31 @@ def compare(a_dir, b_dir):
     return {"diffs": diffs, "mean": mean, "sd": sd, "a_wins": a_wins}
 
 
+def compare_pairs(dirs):
+    """compare() on each pair of dirs, then the pooled verdict over all their folds (DEVELOPERS.md's rule)."""
+    if len(dirs) % 2:
+        raise CVError(f"--compare takes pairs of cv.py output dirs (A B, or A B A2 B2 ...), not {len(dirs)}")
+    pairs = [compare(a, b) for a, b in zip(dirs[::2], dirs[1::2])]
+    if len(pairs) > 1:
+        pooled_verdict(pairs)
+    return pairs
+
+
+def pooled_verdict(pairs):
+    diffs = [d for pair in pairs for d in pair["diffs"]]
+    mean, sd = mean_sd(diffs)
+    se = sd / len(diffs) ** 0.5
+    b_wins, a_wins = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    against = [i for i, pair in enumerate(pairs) if pair["mean"] * mean < 0 and abs(pair["mean"]) > pair["sd"]]
+    winner = "B" if mean > 0 else "A"
+    won = (b_wins if mean > 0 else a_wins) > len(diffs) / 2 and abs(mean) > 2 * se and not against
+    print(f"\npooled over {len(pairs)} pairs, {len(diffs)} folds: B - A mean {100 * mean:+.2f}, sd {100 * sd:.2f}, "
+          f"standard error {100 * se:.2f}; B won {b_wins}, A won {a_wins}"
+          + (f"; pair(s) {', '.join(str(i + 1) for i in against)} go against it beyond their spread" if against else ""))
+    print(f"verdict: {winner + ' wins' if won else 'no winner (noise)'}")
+    return won
+
+
 def cross_validate(args, train_flags):
     managed = sorted({flag.split("=")[0] for flag in train_flags} & MANAGED)
     if managed:
@@ -282,7 +311,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(own)
     try:
         if args.compare:
-            compare(*args.compare)
+            compare_pairs(args.compare)
         else:
             cross_validate(args, train_flags)
     except (CVError, DataError, ValueError, OSError) as e:

@@ -4,8 +4,8 @@
     build_model("unet", "convnext_tiny", num_classes=11, pretrained=True)     # torchvision's ImageNet weights
     build_model("upernet", "swin_t", num_classes=11, stage_norms=True, aux=True)   # the competition's winners
     checkpoint.load_weights(model, "resnet34.pth")                            # a local state dict
-    python model.py                                # params, GFLOPs at 512x512, CPU forward ms at 256x256
-    python model.py --archs upernet --backbones swin_t convnext_tiny --aux
+    python model.py                                # params and CPU forward ms at 256x256 of the CPU-sized networks
+    python model.py --archs upernet --backbones swin_t convnext_tiny --aux --flops   # + GFLOPs at 512x512
 
 The encoder runs a torchvision classification network's blocks in order and taps the last block at each stride
 (2, 4, 8, 16, 32; convnext and swin start at 4). Which blocks form a stride is measured once, by a dry run, and
@@ -197,12 +197,14 @@ def forward_ms(model, size=256, repeats=10):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Table of parameters, GFLOPs at 512x512 and CPU forward ms at 256x256.")
+    p = argparse.ArgumentParser(description="Table of parameters and CPU forward ms at 256x256 (GFLOPs at 512x512 "
+                                            "with --flops).")
     p.add_argument("--archs", nargs="+", default=list(ARCHS))
-    p.add_argument("--backbones", nargs="+",
-                   default=["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"])
+    p.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "efficientnet_lite0", "resnet18"],
+                   help="any of backbones.py's; the big ones (resnet50, convnext_tiny, swin_t) take seconds each")
     p.add_argument("--num-classes", type=int, default=11)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--flops", action="store_true", help="also count GFLOPs at 512x512 (slow for big networks)")
     p.add_argument("--describe", action="store_true", help="also print each backbone's feature taps")
     p.add_argument("--aux", action="store_true", help="count the auxiliary FCN head (training only) too")
     p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width")
@@ -210,8 +212,8 @@ def main():
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward = median of {args.repeats}, "
           f"batch 1, fp32, eval")
-    print("| arch | backbone | output stride | params (M) | GFLOPs @512 | CPU forward ms @256 |")
-    print("|---|---|---|---|---|---|")
+    print(f"| arch | backbone | output stride | params (M) |{' GFLOPs @512 |' if args.flops else ''} CPU forward ms @256 |")
+    print(f"|---|---|---|---|{'---|' if args.flops else ''}---|")
     for arch in args.archs:
         for backbone in args.backbones:
             model = build_model(arch, backbone, args.num_classes, head_channels=args.head_channels, stage_norms=True,
@@ -219,9 +221,9 @@ def main():
             if args.describe:
                 print(model.encoder.describe())
             params = sum(p.numel() for p in model.parameters()) / 1e6
-            gflops = count_flops(model) / 1e9
+            flops = f" {count_flops(model) / 1e9:.1f} |" if args.flops else ""
             ms = forward_ms(model, repeats=args.repeats)
-            print(f"| {arch} | {backbone} | {model.encoder.output_stride} | {params:.2f} | {gflops:.1f} | {ms:.1f} |",
+            print(f"| {arch} | {backbone} | {model.encoder.output_stride} | {params:.2f} |{flops} {ms:.1f} |",
                   flush=True)
 
 

@@ -120,3 +120,14 @@ def test_the_average_is_what_validates_and_what_predicts(demo_dir, tmp_path):
                   "--output-dir", str(tmp_path / "preds"), "--workers", "0", "--device", "cpu", "--no-probs"])
     scored = json.loads((tmp_path / "preds" / "metrics.json").read_text())["mIoU"]
     assert scored == pytest.approx(logged, abs=1e-6)  # predict.py (which builds from "model") scores what validated
+    # tools/trained_weights.py: the same run's trained weights as a checkpoint of their own, to score EMA against none
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parent.parent / "tools" / "trained_weights.py"
+    done = subprocess.run([sys.executable, str(tool), str(out / "last.pt"), str(tmp_path / "trained.pt")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    trained = torch.load(tmp_path / "trained.pt", weights_only=True)
+    assert all(torch.equal(trained["model"][k], ckpt["train_model"][k]) for k in ckpt["train_model"])
+    assert "train_model" not in trained and trained["args"]["ema"] is None

@@ -135,6 +135,25 @@ def test_compare_pairs_by_fold(tmp_path, capsys):
         cv.compare(tmp_path / "a", tmp_path / "c")
 
 
+def test_pairs_on_two_sets_are_pooled_by_the_developers_rule(tmp_path, capsys):
+    fake_cv(tmp_path / "ga_a", [0.50, 0.60, 0.40])
+    fake_cv(tmp_path / "ga_b", [0.53, 0.62, 0.43])  # +3, +2, +3
+    fake_cv(tmp_path / "cv_a", [0.50, 0.50, 0.50])
+    fake_cv(tmp_path / "cv_b", [0.52, 0.54, 0.49])  # +2, +4, -1
+    cv.compare_pairs([str(tmp_path / n) for n in ("ga_a", "ga_b", "cv_a", "cv_b")])
+    out = capsys.readouterr().out
+    # 5 of 6 won, mean +2.17, sd 1.72, standard error 0.70: beyond twice it
+    assert "B won 5, A won 1" in out and "mean +2.17" in out and "verdict: B wins" in out
+    fake_cv(tmp_path / "cv_c", [0.40, 0.42, 0.41])  # camvid against it beyond its spread: -10, -8, -9
+    cv.compare_pairs([str(tmp_path / n) for n in ("ga_a", "ga_b", "cv_a", "cv_c")])
+    assert "verdict: no winner (noise)" in capsys.readouterr().out
+    fake_cv(tmp_path / "cv_d", [0.52, 0.47, 0.50])  # +2, -3, 0: camvid inside its spread, pooled gain too small
+    cv.compare_pairs([str(tmp_path / n) for n in ("ga_a", "ga_b", "cv_a", "cv_d")])
+    assert "verdict: no winner (noise)" in capsys.readouterr().out
+    with pytest.raises(cv.CVError, match="pairs of cv.py output dirs"):
+        cv.compare_pairs([str(tmp_path / "ga_a")])
+
+
 def test_out_of_fold_miou_comes_from_the_summed_confusion():
     names = ["Background", "A"]
     # fold 0: A perfect on a small area; fold 1: A all wrong on a large area

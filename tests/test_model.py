@@ -196,3 +196,20 @@ def test_drop_path_on_a_family_without_it_is_a_clear_error():
     with pytest.raises(ModelError, match="resnet18 has no stochastic depth"):
         build_model("unet", "resnet18", 3, drop_path=0.1)
     build_model("unet", "resnet18", 3, drop_path=0.0)  # 0 asks for nothing it lacks
+
+
+@pytest.mark.slow
+def test_the_table_prints_a_row_per_network_and_flops_on_request():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "model.py"
+    plain = subprocess.run([sys.executable, str(script), "--archs", "unet", "upernet", "--backbones", "resnet18",
+                            "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    rows = [line for line in plain.stdout.splitlines() if line.startswith("| unet") or line.startswith("| upernet")]
+    assert len(rows) == 2 and "GFLOPs" not in plain.stdout
+    with_flops = subprocess.run([sys.executable, str(script), "--archs", "unet", "--backbones", "resnet18",
+                                 "--repeats", "1", "--flops"], capture_output=True, text=True, timeout=300)
+    row = next(line for line in with_flops.stdout.splitlines() if line.startswith("| unet"))
+    assert "GFLOPs @512" in with_flops.stdout and float(row.split("|")[5]) > 1  # UNet/resnet18 at 512: ~20 GFLOPs

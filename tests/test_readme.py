@@ -26,6 +26,7 @@ SHRINK = {  # script -> overrides appended to each of its commands
     "review.py": ["--image-score", "max", "--exclude-above", "0.95"],
 }
 OFFLINE_WEIGHTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
+DEFAULT_BACKBONE = "mobilenet_v2"  # train.py's default
 SKIPPED = {  # how a command starts -> why it is not run here
     "python3 -m venv": "sets up the environment this test already runs in",
     ".venv/bin/pip install": "installs the packages this test already runs with",
@@ -33,6 +34,12 @@ SKIPPED = {  # how a command starts -> why it is not run here
     "torchrun": "several processes on GPUs (NCCL); tests/test_train.py runs two CPU processes with gloo instead",
     "bash tools/gpu_check.sh": "needs a CUDA GPU (and its 'prepare' a network); tests/test_cuda.py holds its tests",
 }
+
+
+def weights_offline(backbone):
+    """Whether a backbone's ImageNet weights are installed as a package (the others would need a download)."""
+    import backbones
+    return backbone in OFFLINE_WEIGHTS and backbones.packaged_weights_file(backbone, required=False) is not None
 
 
 def commands(path):
@@ -61,7 +68,7 @@ def why_skipped(tokens):
 def placeholders(work):
     """README's placeholders -> the folders this test's commands made (resolved when each command runs)."""
     newest_cv = sorted(work.glob("runs/cv_*/oof/fold0"))
-    return {"D": "data", "F": "data/folds", "runs/x/": "runs/upernet_efficientnet_lite0_fold0/",
+    return {"D": "data", "F": "data/folds", "runs/x/": f"runs/upernet_{DEFAULT_BACKBONE}_fold0/",
             "oof/a": "oof/x_fold0", "oof/b": str(newest_cv[-1].relative_to(work)) if newest_cv else "oof/b",
             "preds/a": "preds/demo_fold0", "preds/b": "preds/demo_fold1", "preds/c": "preds/pseudo"}
 
@@ -86,8 +93,11 @@ def shrunk(tokens, work):
     extra = list(SHRINK.get(script, []))
     if script == "cv.py" and "--" not in out:
         extra = ["--"] + extra
-    backbone = out[out.index("--backbone") + 1] if "--backbone" in out else None
-    if script in ("train.py", "cv.py") and backbone and backbone not in OFFLINE_WEIGHTS:
+    if "--minutes" in out:  # a time budget instead of epochs: a few seconds of it
+        at = extra.index("--epochs")
+        extra = extra[:at] + extra[at + 2:] + ["--minutes", "0.02"]
+    backbone = out[out.index("--backbone") + 1] if "--backbone" in out else DEFAULT_BACKBONE
+    if script in ("train.py", "cv.py") and not weights_offline(backbone):
         extra.append("--no-pretrained")  # torchvision's download cannot be reached here
     return out + extra
 
