@@ -25,7 +25,7 @@ import torch
 
 from coco import load_coco
 from demo import make_demo
-from dataset import SegmentationDataset
+from dataset import SegmentationDataset, default_workers
 from exported import export_program
 from inference import predict_probs, tta_flips
 from model import build_model
@@ -396,6 +396,10 @@ def main():
             row["vs_fastest_train_step"] = row["samples_per_s"] / fastest
             print(f"loader {row['preset']} (mask cache {'yes' if row['mask_cache'] else 'no'}) delivers "
                   f"{row['vs_fastest_train_step']:.1f}x the fastest training step ({fastest:.2f} images/s)")
+        limits = [r["preset"] for r in results["loader"] if r["mask_cache"] and r["vs_fastest_train_step"] < 1]
+        verdict = f"is the limit ({', '.join(limits)})" if limits else "is not the limit"
+        print(f"with {args.workers} workers the loader {verdict} of the fastest training step here (train.py's "
+              f"default --workers here: {default_workers()})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

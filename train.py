@@ -26,14 +26,14 @@ from budget import TimeBudget, follow_budget, plan_text
 from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, save_epoch, trained_with
 from coco import DataError, default_cache_dir, load_coco, pixel_counts, read_exclude_list
 from dataset import AUG_PRESETS, ORIENTATIONS, default_workers, epoch_loader, training_set, validation_loader
-from distributed import agree_on_step, setup_distributed
+from distributed import agree_on_step, rank0_value, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, resume_note
 from inference import validate
 from losses import WEIGHT_METHODS, build_loss, run_class_weights, training_loss
 from model import ModelError, add_network_args, build_model
 from optim import WeightAverage, training_state
 from outputs import Logger, WriteError, to_json, write_json
-from precision import amp_precision, autocast, precision_note
+from precision import amp_precision, autocast, choose_memory_format, precision_note
 
 NAN_PATIENCE = 20  # consecutive non-finite losses before a run stops
 
@@ -92,7 +92,9 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true",
                    help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16, else fp32 "
                         "(emulated bf16 is many times slower); the precision that ran is in config.json")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="memory format (default: on CUDA channels_last; on a CPU whichever format a few timed "
+                        "training steps of this network find faster)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -167,6 +169,12 @@ def build_network(args, num_classes, checkpoint, device, world, log):
     elif args.weights:
         log.print(load_weights(model, args.weights))
     model.to(device)
+    if args.channels_last is None:  # measured on a CPU; every process takes rank 0's answer
+        choice, note = choose_memory_format(model, (args.batch_size, 3, args.img_size, args.img_size), num_classes,
+                                            device, args.precision)
+        args.channels_last = bool(rank0_value(choice, world, device))
+        if note:
+            log.print(note)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if world > 1 and args.sync_bn:
@@ -372,6 +380,8 @@ def run(args, given, rank, world, device):
             "normalization": trained_with(checkpoint)[0] if checkpoint else input_normalization(args.backbone)}
     val_loader = validation_loader(args, val_json, data, rank, world, device) if val_json else None
     model, forward_model = build_network(args, len(class_names), checkpoint, device, world, log)
+    if rank == 0 and not args.test_only:  # with what the network settled: its output stride, its memory format
+        write_json(output_dir / "config.json", vars(args), indent=1)
     if args.test_only:
         if not val_loader:
             raise ValueError("--test-only needs a validation JSON")

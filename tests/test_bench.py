@@ -34,6 +34,7 @@ def test_bench_writes_loader_train_and_inference_figures(demo_dir, tmp_path):
     rates = [r["samples_per_s"] for r in result["loader"]] + [r["train_images_per_s"] for r in result["train"]]
     assert all(rate > 0 for rate in rates)
     assert all(r["vs_fastest_train_step"] > 0 for r in result["loader"])
+    assert "the loader is" in stdout and "--amp here: " in stdout  # the verdicts a reader looks for
 
 
 @pytest.mark.skipif(importlib.util.find_spec("segmentation_models_pytorch") is None,

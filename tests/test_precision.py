@@ -95,3 +95,27 @@ def test_without_amp_every_machine_runs_fp32(demo_dir, tmp_path, monkeypatch):
     train.main(tiny(demo_dir, tmp_path / "run"))
     assert set(trained) == {"fp32"}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
+
+
+def test_the_memory_format_is_measured_on_the_cpu_and_leaves_the_random_stream_alone():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    faster, cl, plain = precision.faster_memory_format(net, (2, 3, 16, 16), 4, torch.device("cpu"), "fp32")
+    assert isinstance(faster, bool) and cl > 0 and plain > 0 and faster == (cl < plain)
+    assert torch.equal(torch.rand(3), expected)  # the run's seeded stream is where it was
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # a copy was timed, not the network
+    assert precision.choose_memory_format(net, (2, 3, 16, 16), 4, torch.device("cuda"), "fp16") == (True, None)
+
+
+def test_train_measures_the_format_unless_told(demo_dir, tmp_path, capsys):
+    train.main(tiny(demo_dir, tmp_path / "auto", "--val-json", "none"))
+    out = capsys.readouterr().out
+    chosen = json.loads((tmp_path / "auto" / "config.json").read_text())["channels_last"]
+    assert "memory format: channels_last" in out and isinstance(chosen, bool)
+    assert f"using {'channels_last' if chosen else 'contiguous'}" in out
+    train.main(tiny(demo_dir, tmp_path / "told", "--val-json", "none", "--no-channels-last"))
+    assert "memory format:" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "told" / "config.json").read_text())["channels_last"] is False
