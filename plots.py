@@ -4,6 +4,8 @@ dependency, pillow only.
     python plots.py runs/a runs/b --metric mIoU -o compare.png     # validation curves of several runs on one chart
     python plots.py runs/a --metric Paper -o paper.png              # one class's IoU
     python plots.py runs/a                                          # curves.png and confusion.png of one run
+    python plots.py --cv "garbage=runs/ga_15min" "garbage=runs/ga_60min" "camvid=runs/cv_15min" -o time.png
+                                  # cv.py results: mean mIoU against training minutes, one line per label
 """
 import argparse
 import json
@@ -31,6 +33,27 @@ def validation_series(records, metric):
     return [e + 1 for e in epochs], values
 
 
+def cv_points(specs):
+    """[(label, color, minutes, mIoU %)] from 'LABEL=DIR' specs of cv.py output dirs (cv.json), one series per
+    label, its points ordered by minutes."""
+    by_label = {}
+    for spec in specs:
+        label, sep, folder = spec.rpartition("=")
+        if not sep or not label:
+            raise OutputError(f"--cv takes LABEL=DIR (e.g. garbage=runs/ga_15min), not '{spec}'")
+        path = Path(folder) / "cv.json"
+        if not path.is_file():
+            raise OutputError(f"{folder}: no cv.json (not a finished cv.py output dir)")
+        mean = json.loads(path.read_text())["summary"]["mean"]
+        by_label.setdefault(label, []).append((mean["train_minutes"][0], 100 * mean["mIoU"][0]))
+    series = []
+    for i, (label, points) in enumerate(by_label.items()):
+        points.sort()
+        series.append((label, DISTINCT_RUN_COLORS[i % len(DISTINCT_RUN_COLORS)], [p[0] for p in points],
+                       [p[1] for p in points]))
+    return series
+
+
 def run_records(run):
     log = Path(run) / "log.jsonl"
     if not log.is_file():
@@ -55,13 +78,22 @@ def redraw_run(run):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="train.py output dirs")
+    p.add_argument("runs", nargs="*", help="train.py output dirs")
+    p.add_argument("--cv", nargs="+", metavar="LABEL=DIR",
+                   help="instead of runs: cv.py output dirs, mean mIoU against mean training minutes; dirs with "
+                        "one label form one line")
     p.add_argument("--metric", default="mIoU", help="mIoU, mAcc, aAcc, or a class name for its IoU")
     p.add_argument("-o", "--output", help="PNG to write (default: compare.png; one run without --metric: its "
                                           "curves.png)")
     args = p.parse_args(argv)
+    if bool(args.cv) == bool(args.runs):
+        p.error("give train.py output dirs, or --cv LABEL=DIR ...")
     try:
-        if len(args.runs) == 1 and not args.output and "--metric" not in (argv or sys.argv[1:]):
+        if args.cv:
+            out = Path(args.output or "time_to_quality.png")
+            save_picture(line_chart(cv_points(args.cv), "mean mIoU over the folds (%) against training minutes",
+                                    "training minutes (mean per fold)", "mIoU %", size=(760, 380)), out)
+        elif len(args.runs) == 1 and not args.output and "--metric" not in (argv or sys.argv[1:]):
             out = redraw_run(Path(args.runs[0]))
         else:
             series = []

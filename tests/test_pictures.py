@@ -102,3 +102,21 @@ def test_plots_redraws_one_runs_pictures_from_its_files(tmp_path):
     plots.main([str(run)])
     assert Image.open(run / "curves.png").size == (720, 960)
     assert (8, 69, 148) in colors_in(Image.open(run / "confusion.png"))  # the 100% diagonal
+
+
+def test_time_to_quality_draws_one_line_per_label_from_cv_json(tmp_path):
+    for name, minutes, miou in (("ga15", 14.0, 0.60), ("ga60", 55.0, 0.66), ("cv15", 14.5, 0.50)):
+        (tmp_path / name).mkdir()
+        summary = {"mean": {"mIoU": [miou, 0.02], "train_minutes": [minutes, 0.3]}}
+        (tmp_path / name / "cv.json").write_text(json.dumps({"summary": summary}))
+    specs = [f"garbage={tmp_path / 'ga60'}", f"garbage={tmp_path / 'ga15'}", f"camvid={tmp_path / 'cv15'}"]
+    series = plots.cv_points(specs)
+    assert [(s[0], s[2], s[3]) for s in series] == [("garbage", [14.0, 55.0], [60.0, 66.0]),
+                                                    ("camvid", [14.5], [50.0])]
+    plots.main(["--cv", *specs, "-o", str(tmp_path / "t.png")])
+    colors = colors_in(Image.open(tmp_path / "t.png"))
+    assert (31, 119, 180) in colors and (255, 127, 14) in colors
+    with pytest.raises(SystemExit, match="LABEL=DIR"):
+        plots.main(["--cv", str(tmp_path / "ga15")])
+    with pytest.raises(SystemExit, match="no cv.json"):
+        plots.main(["--cv", f"x={tmp_path}"])
