@@ -147,6 +147,15 @@ class PyramidPooling(nn.Module):
         return self.bottleneck(torch.cat([x] + [upsample_to(stage(x), x) for stage in self.stages], 1))
 
 
+def four_levels(encoder, head):
+    """The encoder's four deepest stages at strides 4 and deeper (a CNN stem's stride 2 is unused)."""
+    levels = [i for i, s in enumerate(encoder.strides) if s >= 4][-4:]
+    if len(levels) < 4:
+        raise ModelError(f"{head} needs four stages at strides 4 and deeper; {encoder.backbone} gives "
+                         f"{encoder.strides}")
+    return levels
+
+
 class UPerNet(SegmentationNet):
     """Xiao et al. 2018, as mmsegmentation's UPerHead: pyramid pooling on the deepest of four stages (strides
     4-32), lateral 1x1 convs on the other three, a top-down path adding each upsampled level to the next finer one,
@@ -156,10 +165,7 @@ class UPerNet(SegmentationNet):
     def __init__(self, encoder, num_classes, channels=512):
         super().__init__()
         self.encoder = encoder
-        self.levels = [i for i, s in enumerate(encoder.strides) if s >= 4][-4:]  # stride 2 (CNN stems) is unused
-        if len(self.levels) < 4:
-            raise ModelError(f"UPerNet needs four stages at strides 4 and deeper; {encoder.backbone} gives "
-                             f"{encoder.strides}")
+        self.levels = four_levels(encoder, "UPerNet")
         *fine, deepest = [encoder.channels[i] for i in self.levels]
         self.ppm = PyramidPooling(deepest, channels)
         self.laterals = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in fine])
@@ -175,3 +181,23 @@ class UPerNet(SegmentationNet):
         outs = [conv(level) for conv, level in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
         outs = [outs[0]] + [upsample_to(o, outs[0]) for o in outs[1:]]
         return self.classifier(self.fuse(torch.cat(outs, 1)))
+
+
+class SegFormer(SegmentationNet):
+    """Xie et al. 2021's all-MLP decoder, as its reference code: on each of the four stages at strides 4-32 a linear
+    layer (1x1 conv) to `channels`, each upsampled to stride 4, concatenated coarsest first, fused by a 1x1 conv +
+    BN + ReLU, dropout 0.1, the classifier. Light by design: it leans on its encoder's large receptive fields (the
+    paper: 45.4 ADE20K mIoU on MiT-B2, 34.7 on ResNet-50)."""
+
+    def __init__(self, encoder, num_classes, channels=256):
+        super().__init__()
+        self.encoder = encoder
+        self.levels = four_levels(encoder, "SegFormer's head")
+        self.linears = nn.ModuleList([nn.Conv2d(encoder.channels[i], channels, 1) for i in self.levels])
+        self.fuse = nn.Sequential(conv_bn_relu(4 * channels, channels, 1), nn.Dropout(0.1))
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def decode(self, feats):
+        outs = [linear(feats[i]) for linear, i in zip(self.linears, self.levels)]
+        finest = outs[0]
+        return self.classifier(self.fuse(torch.cat([upsample_to(o, finest) for o in reversed(outs)], 1)))

@@ -1,4 +1,4 @@
-"""Networks: DeepLabV3+, UNet and UPerNet (heads.py), hand-written, on torchvision backbones.
+"""Networks: DeepLabV3+, UNet, UPerNet and SegFormer's head (heads.py), hand-written, on torchvision backbones.
 
     build_model("deeplabv3plus", "resnet50", num_classes=11, output_stride=8)
     build_model("unet", "convnext_tiny", num_classes=11, pretrained=True)     # torchvision's ImageNet weights
@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import BACKBONES, ModelError, classification_net
-from heads import DeepLabV3Plus, UNet, UPerNet
+from heads import DeepLabV3Plus, SegFormer, UNet, UPerNet
 
-ARCHS = ("deeplabv3plus", "unet", "upernet")
+ARCHS = ("deeplabv3plus", "unet", "upernet", "segformer")
+HEAD_WIDTHS = {"upernet": 512, "segformer": 256}  # --head-channels' default: mmseg's UPerHead, SegFormer-B0's head
 
 
 class Encoder(nn.Module):
@@ -128,12 +129,12 @@ class ChannelLayerNorm(nn.LayerNorm):
 
 
 def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=None, separable=True,
-                decoder_convs=1, tf_padding=False, head_channels=512, stage_norms=False, drop_path=None, aux=False):
+                decoder_convs=1, tf_padding=False, head_channels=None, stage_norms=False, drop_path=None, aux=False):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32.
     tf_padding: efficientnet_lite's stride-2 convs pad as TensorFlow's "SAME" (ignored by other backbones).
-    head_channels: UPerNet's width. stage_norms: convnext and swin only. drop_path: stochastic depth of the
-    families that have it (backbones.DROP_PATH_DEFAULTS; None: torchvision's rate). aux: the auxiliary FCN head,
-    for training."""
+    head_channels: UPerNet's or SegFormer's width (None: HEAD_WIDTHS). stage_norms: convnext and swin only.
+    drop_path: stochastic depth of the families that have it (backbones.DROP_PATH_DEFAULTS; None: torchvision's
+    rate). aux: the auxiliary FCN head, for training."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     if backbone not in BACKBONES:
@@ -144,7 +145,9 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=
     if arch == "deeplabv3plus":
         model = DeepLabV3Plus(encoder, num_classes, separable, decoder_convs)
     elif arch == "upernet":
-        model = UPerNet(encoder, num_classes, head_channels)
+        model = UPerNet(encoder, num_classes, head_channels or HEAD_WIDTHS[arch])
+    elif arch == "segformer":
+        model = SegFormer(encoder, num_classes, head_channels or HEAD_WIDTHS[arch])
     else:
         model = UNet(encoder, num_classes)
     return model.add_aux_head(num_classes) if aux else model
@@ -164,7 +167,8 @@ def add_network_args(p):
                    help="3x3 convs after the DeepLabV3+ decoder's fusion (SMP: 1; the paper: 2)")
     p.add_argument("--tf-padding", action=argparse.BooleanOptionalAction, default=False,
                    help="efficientnet_lite: stride-2 convs pad as TensorFlow's SAME, as its weights were trained")
-    p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width (mmseg: 512)")
+    p.add_argument("--head-channels", type=int,
+                   help="UPerNet's width (default 512, mmseg's) or SegFormer's (default 256, its B0 head's)")
     p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
     p.add_argument("--drop-path", type=float, metavar="P",
@@ -207,7 +211,7 @@ def main():
     p.add_argument("--flops", action="store_true", help="also count GFLOPs at 512x512 (slow for big networks)")
     p.add_argument("--describe", action="store_true", help="also print each backbone's feature taps")
     p.add_argument("--aux", action="store_true", help="count the auxiliary FCN head (training only) too")
-    p.add_argument("--head-channels", type=int, default=512, help="UPerNet's width")
+    p.add_argument("--head-channels", type=int, help="UPerNet's or SegFormer's width (default: HEAD_WIDTHS)")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward = median of {args.repeats}, "
