@@ -58,7 +58,8 @@ LITE_SCALING = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.
 DROP_PATH_DEFAULTS = {**{f"efficientnet_b{i}": 0.2 for i in range(8)}, **{name: 0.2 for name in LITE_SCALING},
                       "efficientnet_v2_s": 0.2, "efficientnet_v2_m": 0.2,
                       "convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5,
-                      "swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5}
+                      "swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5,
+                      **{f"mit_b{i}": 0.1 for i in range(6)}}  # SegFormer's MiT (mit.py): its reference's rate
 
 
 class ModelError(ValueError):

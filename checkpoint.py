@@ -229,6 +229,8 @@ def load_weights(model, file):
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ModelError(f"{file}: not a state dict of tensors")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}  # DDP, compile
+    if hasattr(model.encoder, "weight_names"):  # an encoder whose files come under other names (MiT: Hugging Face's)
+        state = model.encoder.weight_names(state)
     whole = any(k.startswith("encoder.") for k in state)
     target = model if whole else model.encoder.net
     own = target.state_dict()

