@@ -33,7 +33,8 @@ __doc__ += "".join(f"    {key:<12} {meaning}\n" for key, meaning in EMA_KEYS.ite
 MODEL_KEYS = ("model", "args", "class_names")  # what predicting needs; resuming needs every key but normalization
 # the flags that shape the network, each with what checkpoints written before the flag existed were built with
 NETWORK_FLAGS = {"arch": None, "backbone": None, "output_stride": None, "separable": False, "decoder_convs": 2,
-                 "tf_padding": False, "head_channels": 512, "stage_norms": False}
+                 "tf_padding": False, "head_channels": 512, "stage_norms": False, "pixel_decoder": "deformable",
+                 "queries": 100, "dec_layers": 9}
 # other flags newer than some checkpoints, with what those checkpoints did: flips and 90-degree turns
 LATER_FLAGS = {"orientation": "any"}
 RUN_ONLY_FLAGS = {"resume", "test_only", "force", "stop_after", "device", "output_dir"}  # never taken from a checkpoint

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from coco import IGNORE_INDEX
+from assignment import linear_sum_assignment
+from coco import IGNORE_INDEX, pixel_counts
 
 WEIGHT_METHODS = ("inverse", "log", "median")
 
@@ -204,9 +205,137 @@ if __name__ == "__main__":
 
 
 def training_loss(out, masks, loss_fn, aux_weight, sample_weight=None):
-    """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one."""
+    """The loss of the main logits, plus aux_weight x that of the auxiliary head's where the network has one; a
+    mask-classification network's output (a dict) goes to its set loss whole."""
+    if isinstance(out, dict):
+        return loss_fn(out, masks)
     logits, aux_logits = out if isinstance(out, tuple) else (out, None)
     aux_loss = 0.0
     if aux_logits is not None:
         aux_loss = weighted_loss(loss_fn, aux_logits, masks, sample_weight) * aux_weight
     return weighted_loss(loss_fn, logits, masks, sample_weight) + aux_loss  # main loss last: its parts are logged
+
+
+# ----------------------------------------------------------------------------- Mask2Former's set loss
+
+def point_sample(maps, points):
+    """maps (N, C, H, W) at points (N, P, 2) given as (x, y) in [0, 1]: (N, C, P), bilinear."""
+    return F.grid_sample(maps, 2 * points[:, :, None, :] - 1, mode="bilinear", align_corners=False)[..., 0]
+
+
+def uncertain_points(mask_logits, count, oversample=3.0, importance=0.75):
+    """PointRend's training points: of count x oversample random points, the importance share whose logits lie
+    nearest 0 (uncertainty -|logit|), and the rest at random. mask_logits (N, 1, H, W) -> (N, count, 2)."""
+    n = mask_logits.shape[0]
+    candidates = torch.rand(n, int(count * oversample), 2, device=mask_logits.device)
+    uncertainty = -point_sample(mask_logits, candidates)[:, 0].abs()
+    k = int(importance * count)
+    chosen = uncertainty.topk(k, dim=1).indices
+    picked = candidates.gather(1, chosen[..., None].expand(-1, -1, 2))
+    return torch.cat([picked, torch.rand(n, count - k, 2, device=mask_logits.device)], dim=1)
+
+
+def class_masks(masks, ignore_index=IGNORE_INDEX):
+    """Per image of a (B, H, W) label map: (classes present, their binary masks (n, H, W), valid pixels (H, W)):
+    one target mask per class; ignored pixels belong to none and count in no mask loss."""
+    targets = []
+    for m in masks:
+        labels = m.unique()
+        labels = labels[labels != ignore_index]
+        targets.append((labels, (m[None] == labels[:, None, None]).float(), (m != ignore_index).float()))
+    return targets
+
+
+def pairwise_mask_costs(pred, target, weight):
+    """Per-point sigmoid cross-entropy and dice cost of every prediction (Q, P) against every target (n, P), over
+    the valid points (weight (P,)): two (Q, n) matrices."""
+    norm = weight.sum().clamp_min(1)
+    pos, neg = F.softplus(-pred) * weight, F.softplus(pred) * weight
+    bce = (pos @ target.T + neg @ (1 - target).T) / norm
+    prob = pred.sigmoid() * weight
+    dice = 1 - (2 * prob @ target.T + 1) / (prob.sum(-1)[:, None] + (target * weight).sum(-1)[None, :] + 1)
+    return bce, dice
+
+
+class MaskSetLoss(nn.Module):
+    """Mask2Former's loss for semantic segmentation: each prediction's queries are matched to the image's class
+    masks (Hungarian, cost 2 class + 5 BCE + 5 dice on `points` random points), then class cross-entropy (no-object
+    weighted 0.1) x 2 over all queries, and mask BCE x 5 and dice x 5 over the matched ones on PointRend's
+    uncertain points, each divided by the number of target masks; summed over the final and every intermediate
+    prediction. Matching and losses run in fp32 even under autocast (users of the reference report NaN in fp16)."""
+
+    def __init__(self, num_classes, points=12544, no_object_weight=0.1, weights=(2.0, 5.0, 5.0),
+                 ignore_index=IGNORE_INDEX):
+        super().__init__()
+        self.points, self.weights, self.ignore_index = points, weights, ignore_index
+        empty = torch.ones(num_classes + 1)
+        empty[-1] = no_object_weight
+        self.register_buffer("class_weight", empty)
+        self.parts = {}
+
+    @torch.no_grad()
+    def match(self, logits, mask_logits, targets):
+        """[(query indices, target indices)] per image, the least-cost assignment."""
+        matches = []
+        for b, (labels, target, valid) in enumerate(targets):
+            points = torch.rand(1, self.points, 2, device=logits.device)
+            pred = point_sample(mask_logits[b][:, None], points.expand(mask_logits.shape[1], -1, -1))[:, 0]
+            tgt = point_sample(target[:, None], points.expand(len(labels), -1, -1))[:, 0]
+            weight = point_sample(valid[None, None], points)[0, 0]
+            bce, dice = pairwise_mask_costs(pred, tgt, weight)
+            cost = self.weights[0] * -logits[b].softmax(-1)[:, labels] + self.weights[1] * bce + self.weights[2] * dice
+            rows, cols = linear_sum_assignment(cost)
+            order = cols.argsort()  # in target order, so that the query order cannot change what is sampled
+            matches.append((torch.as_tensor(rows[order], device=logits.device),
+                            torch.as_tensor(cols[order], device=logits.device)))
+        return matches
+
+    def prediction_loss(self, logits, mask_logits, targets, num_masks):
+        """(class, mask BCE, dice) losses of one prediction."""
+        matches = self.match(logits, mask_logits, targets)
+        classes = torch.full(logits.shape[:2], logits.shape[-1] - 1, dtype=torch.long, device=logits.device)
+        for b, (rows, cols) in enumerate(matches):
+            classes[b, rows] = targets[b][0][cols]
+        class_loss = F.cross_entropy(logits.transpose(1, 2), classes, weight=self.class_weight)
+        pred = torch.cat([mask_logits[b][rows] for b, (rows, _) in enumerate(matches)])[:, None]
+        if pred.shape[0] == 0:  # nothing labelled in the batch: only the class loss teaches
+            return class_loss, mask_logits.sum() * 0, mask_logits.sum() * 0
+        target = torch.cat([targets[b][1][cols] for b, (_, cols) in enumerate(matches)])[:, None]
+        valid = torch.cat([targets[b][2][None].expand(len(cols), -1, -1) for b, (_, cols) in enumerate(matches)])
+        with torch.no_grad():
+            points = uncertain_points(pred, self.points)
+            labels = point_sample(target, points)[:, 0]
+            weight = point_sample(valid[:, None], points)[:, 0]
+        point_logits = point_sample(pred, points)[:, 0]
+        bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none")
+        mask_loss = ((bce * weight).sum(1) / weight.sum(1).clamp_min(1)).sum() / num_masks
+        prob = point_logits.sigmoid() * weight
+        dice = 1 - (2 * (prob * labels).sum(1) + 1) / (prob.sum(1) + (labels * weight).sum(1) + 1)
+        return class_loss, mask_loss, dice.sum() / num_masks
+
+    def forward(self, out, masks):
+        with torch.autocast(masks.device.type, enabled=False):
+            targets = class_masks(masks, self.ignore_index)
+            num_masks = max(sum(len(t[0]) for t in targets), 1)
+            total, parts = 0.0, None
+            for logits, mask_logits in [(out["logits"], out["masks"])] + list(out["aux"]):
+                losses = self.prediction_loss(logits.float(), mask_logits.float(), targets, num_masks)
+                total = total + sum(w * loss for w, loss in zip(self.weights, losses))
+                parts = parts or losses  # the final prediction's, for the log
+        self.parts = {name: float(v.detach()) for name, v in zip(("class", "mask", "dice"), parts)}
+        return total
+
+
+def training_criterion(args, train_coco, class_names, device, log):
+    """train.py's loss from its flags: the set loss for mask2former, else --loss with --class-weights."""
+    if args.arch == "mask2former":  # mask classification: its own set loss, not a per-pixel one
+        if args.loss != "ce" or args.class_weights or args.pseudo_weight != 1:
+            raise ValueError("mask2former trains with its set loss: --loss, --class-weights and --pseudo-weight "
+                             "apply to the per-pixel networks")
+        return MaskSetLoss(len(class_names)).to(device)
+    weight = None
+    if args.class_weights:
+        weight = run_class_weights(args.class_weights, pixel_counts(train_coco), class_names, args.class_weight_cap)
+        log.print(f"class weights ({args.class_weights}): " +
+                  ", ".join(f"{n} {w:.3g}" for n, w in zip(class_names, weight.tolist())))
+    return build_loss(args.loss, weight, args.focal_gamma).to(device)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 from backbones import BACKBONES, ModelError, classification_net
 from heads import DeepLabV3Plus, SegFormer, UNet, UPerNet
+from mask2former import Mask2Former
 from mit import MIT_CONFIGS, MiTEncoder
 
-ARCHS = ("deeplabv3plus", "unet", "upernet", "segformer")
+ARCHS = ("deeplabv3plus", "unet", "upernet", "segformer", "mask2former")
 HEAD_WIDTHS = {"upernet": 512, "segformer": 256}  # --head-channels' default: mmseg's UPerHead, SegFormer-B0's head
 
 
@@ -141,12 +142,13 @@ def mit_encoder(backbone, pretrained, output_stride, drop_path):
 
 
 def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=None, separable=True,
-                decoder_convs=1, tf_padding=False, head_channels=None, stage_norms=False, drop_path=None, aux=False):
+                decoder_convs=1, tf_padding=False, head_channels=None, stage_norms=False, drop_path=None, aux=False,
+                pixel_decoder="deformable", queries=100, dec_layers=9):
     """A segmentation network. output_stride None = 16 for DeepLabV3+ where the backbone can dilate, else 32.
     tf_padding: efficientnet_lite's stride-2 convs pad as TensorFlow's "SAME" (ignored by other backbones).
     head_channels: UPerNet's or SegFormer's width (None: HEAD_WIDTHS). stage_norms: convnext and swin only.
     drop_path: stochastic depth of the families that have it (backbones.DROP_PATH_DEFAULTS; None: torchvision's
-    rate). aux: the auxiliary FCN head, for training."""
+    rate). aux: the auxiliary FCN head, for training. pixel_decoder, queries, dec_layers: Mask2Former's."""
     if arch not in ARCHS:
         raise ModelError(f"unknown arch '{arch}'; choose from {', '.join(ARCHS)}")
     if backbone in MIT_CONFIGS:
@@ -163,6 +165,10 @@ def build_model(arch, backbone, num_classes=11, pretrained=False, output_stride=
         model = UPerNet(encoder, num_classes, head_channels or HEAD_WIDTHS[arch])
     elif arch == "segformer":
         model = SegFormer(encoder, num_classes, head_channels or HEAD_WIDTHS[arch])
+    elif arch == "mask2former":
+        if aux:
+            raise ModelError("Mask2Former supervises every decoder layer already: drop --aux-weight")
+        model = Mask2Former(encoder, num_classes, pixel_decoder, queries, dec_layers)
     else:
         model = UNet(encoder, num_classes)
     return model.add_aux_head(num_classes) if aux else model
@@ -186,6 +192,10 @@ def add_network_args(p):
                    help="UPerNet's width (default 512, mmseg's) or SegFormer's (default 256, its B0 head's)")
     p.add_argument("--stage-norms", action=argparse.BooleanOptionalAction, default=True,
                    help="convnext/swin: a fresh LayerNorm on each stage the head takes (mmseg's dense features)")
+    p.add_argument("--pixel-decoder", default="deformable", choices=("deformable", "fpn"),
+                   help="Mask2Former's: multi-scale deformable attention (the paper's), or a light FPN")
+    p.add_argument("--queries", type=int, default=100, help="Mask2Former's queries (the paper: 100)")
+    p.add_argument("--dec-layers", type=int, default=9, help="Mask2Former's decoder layers (the paper: 9)")
     p.add_argument("--drop-path", type=float, metavar="P",
                    help="stochastic depth rate (torchvision's stochastic_depth_prob; 0: off). Default torchvision's: "
                         "efficientnet_b*/v2 and efficientnet_lite* 0.2, convnext_tiny/small/base 0.1/0.4/0.5, "

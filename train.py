@@ -24,12 +24,12 @@ import torch.nn as nn
 from backbones import drop_path_default, input_normalization
 from budget import TimeBudget, follow_budget, plan_text
 from checkpoint import aux_state, checkpoint_state, load_weights, resume_from, save_checkpoint, save_epoch, trained_with
-from coco import DataError, default_cache_dir, load_coco, pixel_counts, read_exclude_list
+from coco import DataError, default_cache_dir, load_coco, read_exclude_list
 from dataset import AUG_PRESETS, ORIENTATIONS, default_workers, epoch_loader, training_set, validation_loader
 from distributed import agree_on_step, rank0_value, setup_distributed
 from faults import Stopped, StopSignals, checkpoint_size_check, resume_note
 from inference import validate
-from losses import WEIGHT_METHODS, build_loss, run_class_weights, training_loss
+from losses import WEIGHT_METHODS, training_criterion, training_loss
 from model import ModelError, add_network_args, build_model
 from optim import WeightAverage, training_state
 from outputs import Logger, WriteError, to_json, write_json
@@ -147,21 +147,13 @@ def resolve_jsons(args):
     return train, None if str(val).lower() == "none" else val
 
 
-def criterion(args, train_coco, class_names, device, log):
-    weight = None
-    if args.class_weights:
-        weight = run_class_weights(args.class_weights, pixel_counts(train_coco), class_names, args.class_weight_cap)
-        log.print(f"class weights ({args.class_weights}): " +
-                  ", ".join(f"{n} {w:.3g}" for n, w in zip(class_names, weight.tolist())))
-    return build_loss(args.loss, weight, args.focal_gamma).to(device)
-
-
 def build_network(args, num_classes, checkpoint, device, world, log):
     """(the network, what runs it: under DDP and compiled when asked)."""
     model = build_model(args.arch, args.backbone, num_classes, pretrained=args.pretrained and not checkpoint,
                         output_stride=args.output_stride, separable=args.separable, decoder_convs=args.decoder_convs,
                         tf_padding=args.tf_padding, head_channels=args.head_channels, stage_norms=args.stage_norms,
-                        drop_path=args.drop_path, aux=args.aux_weight > 0)
+                        drop_path=args.drop_path, aux=args.aux_weight > 0, pixel_decoder=args.pixel_decoder,
+                        queries=args.queries, dec_layers=args.dec_layers)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
         # with --ema, "model" holds the average and "train_model" the weights that train on
@@ -301,7 +293,7 @@ def fit(model, forward_model, train_set, val_loader, train_coco, data, checkpoin
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no optimizer step of {args.batch_size} x "
                          f"{world} process(es) x --accum-steps {args.accum_steps}")
-    loss_fn = criterion(args, train_coco, data["class_names"], device, log)
+    loss_fn = training_criterion(args, train_coco, data["class_names"], device, log)
     optimizer, scheduler, scaler, start_epoch, best_miou = training_state(model, steps_per_epoch, checkpoint,
                                                                           args, rank, device, log)
     last_epoch = min(args.epochs, args.stop_after if args.stop_after is not None else args.epochs)

@@ -13,6 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import losses
 import predict
 import train
 from checkpoint import model_from_checkpoint, read_checkpoint
@@ -172,7 +173,7 @@ def test_persistent_nan_loss_stops_with_a_checkpoint(demo_dir, tmp_path, monkeyp
 
         def forward(self, logits, target):
             return logits.sum() * float("nan")
-    monkeypatch.setattr(train, "build_loss", lambda *a, **k: NanLoss())
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: NanLoss())
     monkeypatch.setattr(train, "NAN_PATIENCE", 2)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit), pytest.warns(UserWarning, match="non-finite loss"):
@@ -280,7 +281,7 @@ def test_a_non_finite_batch_keeps_the_rest_of_its_accumulation_window(demo_dir, 
             calls.append(len(calls))
             loss = torch.nn.functional.cross_entropy(logits.float(), target)
             return loss * float("nan") if len(calls) == 2 else loss
-    monkeypatch.setattr(train, "build_loss", lambda *a, **k: SecondBatchNan())
+    monkeypatch.setattr(losses, "build_loss", lambda *a, **k: SecondBatchNan())
     stepped = []
     real_step = torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: stepped.append(
