@@ -12,7 +12,9 @@ import torch
 from checkpoint import set_rng_state
 
 
-NO_DECAY_NAMES = ("relative_position_bias_table",)  # Swin's position tables are biases too
+# Swin's position tables are biases too; Mask2Former's query and level embeddings are not decayed by its reference
+NO_DECAY_NAMES = ("relative_position_bias_table", "query_feat.weight", "query_pos.weight", "level_embed",
+                  "level_embed.weight")
 
 
 def lr_multipliers(model, encoder_lr_mult=1.0, layer_decay=1.0):

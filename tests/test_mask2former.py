@@ -136,3 +136,17 @@ def test_a_tiny_mask2former_goes_through_predict_ensemble_and_export(demo_dir, t
                   "--eval", "--output-dir", str(tmp_path / "exported"), "--workers", "0"])
     scored = json.loads((tmp_path / "exported" / "metrics.json").read_text())["mIoU"]
     assert scored == pytest.approx(validated, abs=1e-3)
+
+
+def test_the_reference_recipe_leaves_queries_and_level_embeddings_undecayed():
+    from optim import param_groups
+    model = build_model("mask2former", "resnet18", 3, **SMALL)
+    groups = param_groups(model, 1e-4, 0.05, encoder_lr_mult=0.1)
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    named = dict(model.named_parameters())
+    for name in ("decoder.query_feat.weight", "decoder.query_pos.weight", "decoder.level_embed.weight",
+                 "pixel_decoder.level_embed"):
+        assert id(named[name]) not in decayed, name
+    assert id(named["decoder.class_head.weight"]) in decayed
+    encoder_lrs = {g["lr"] for g in groups for p in g["params"] if any(p is q for q in model.encoder.parameters())}
+    assert len(encoder_lrs) == 1 and encoder_lrs.pop() == pytest.approx(1e-5)
