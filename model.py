@@ -228,15 +228,17 @@ def forward_ms(model, size=256, repeats=10):
 def main():
     p = argparse.ArgumentParser(description="Table of parameters and CPU forward ms at 256x256 (GFLOPs at 512x512 "
                                             "with --flops).")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS))
+    p.add_argument("--archs", nargs="+", default=[a for a in ARCHS if a != "mask2former"], choices=ARCHS,
+                   help="default: all but mask2former (whose forward alone takes about a second here)")
     p.add_argument("--backbones", nargs="+", default=["mobilenet_v2", "efficientnet_lite0", "resnet18"],
                    help="any of backbones.py's; the big ones (resnet50, convnext_tiny, swin_t) take seconds each")
     p.add_argument("--num-classes", type=int, default=11)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--flops", action="store_true", help="also count GFLOPs at 512x512 (slow for big networks)")
     p.add_argument("--describe", action="store_true", help="also print each backbone's feature taps")
     p.add_argument("--aux", action="store_true", help="count the auxiliary FCN head (training only) too")
-    p.add_argument("--head-channels", type=int, help="UPerNet's or SegFormer's width (default: HEAD_WIDTHS)")
+    p.add_argument("--head-channels", type=int, default=128,
+                   help="UPerNet's and SegFormer's width (default 128, the CPU recipe's; their own defaults: 512, 256)")
     args = p.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward = median of {args.repeats}, "

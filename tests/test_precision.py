@@ -104,7 +104,7 @@ def test_the_memory_format_is_measured_on_the_cpu_and_leaves_the_random_stream_a
     expected = torch.rand(3)
     torch.manual_seed(0)
     faster, cl, plain = precision.faster_memory_format(net, (2, 3, 16, 16), 4, torch.device("cpu"), "fp32")
-    assert isinstance(faster, bool) and cl > 0 and plain > 0 and faster == (cl < plain)
+    assert isinstance(faster, bool) and cl > 0 and plain > 0 and faster == (cl < 0.95 * plain)
     assert torch.equal(torch.rand(3), expected)  # the run's seeded stream is where it was
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # a copy was timed, not the network
     assert precision.choose_memory_format(net, (2, 3, 16, 16), 4, torch.device("cuda"), "fp16") == (True, None)
