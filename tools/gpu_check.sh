@@ -80,10 +80,10 @@ timeout 180 $PY bench.py --device cuda --sections train infer --archs deeplabv3p
     --img-size 512 -b 8 --steps 5 --repeats 2 "${peer[@]}" --json "$REPORT_DIR/bench.json" 2>&1 \
     | grep -v "^$" | tee -a "$REPORT"
 say ""; say "## bench: torch.compile against eager (UNet/resnet50, fp16 + channels_last)"
-timeout 90 $PY bench.py --device cuda --sections train --archs unet --backbones resnet50 --img-size 512 -b 8 \
+timeout 60 $PY bench.py --device cuda --sections train --archs unet --backbones resnet50 --img-size 512 -b 8 \
     --steps 5 --repeats 2 --no-memory --compile "fp16 (cuda)" 2>&1 | grep -v "^$" | tee -a "$REPORT"
 
-say ""; say "## real training steps: the default recipe and the Swin recipe's network (demo photos, 512 px)"
+say ""; say "## real training steps: the default recipe, and UPerNet and Mask2Former on swin_t (demo photos, 512 px)"
 # train.py's own loop: its log gives images/s and peak GPU memory per epoch; the second epoch is the steady one
 $PY data.py --demo /tmp/trashseg_gpu_demo --num-images 96 > /dev/null && $PY folds.py --data-dir /tmp/trashseg_gpu_demo \
     --k 3 > /dev/null
@@ -109,6 +109,8 @@ PY
 train_steps default --amp
 train_steps swin_t_b16 --arch upernet --backbone swin_t --no-pretrained --img-size 512 -b 16 --lr 6e-5 \
     --weight-decay 0.01 --drop-path 0.3 --aux-weight 0.4 --aug scale --amp
-say "(782 epochs of the 3,272 competition photos at the swin_t rate: 782 x 3272 / (images/s) / 3600 hours)"
+train_steps m2f_swin_t_b16 --arch mask2former --backbone swin_t --no-pretrained --img-size 512 -b 16 --lr 1e-4 \
+    --weight-decay 0.05 --encoder-lr-mult 0.1 --clip-grad 0.01 --warmup-epochs 0 --aug scale --amp
+say "(782 epochs of the 3,272 competition photos at a rate r: 782 x 3272 / r / 3600 hours)"
 say ""; say "took $(( $(date +%s) - start )) s; pytest exit code $tests_rc"
 exit "$tests_rc"
