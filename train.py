@@ -156,8 +156,9 @@ def build_network(args, num_classes, checkpoint, device, world, log):
                         queries=args.queries, dec_layers=args.dec_layers)
     args.output_stride = model.encoder.output_stride
     if checkpoint:
-        # with --ema, "model" holds the average and "train_model" the weights that train on
-        model.load_state_dict(aux_state(checkpoint.get("train_model", checkpoint["model"]), model))
+        # with --ema, "model" holds the average (what validates) and "train_model" the weights that train on
+        weights = checkpoint["model"] if args.test_only else checkpoint.get("train_model", checkpoint["model"])
+        model.load_state_dict(aux_state(weights, model))
     elif args.weights:
         log.print(load_weights(model, args.weights))
     model.to(device)

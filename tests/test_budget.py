@@ -120,6 +120,9 @@ def test_the_average_is_what_validates_and_what_predicts(demo_dir, tmp_path):
                   "--output-dir", str(tmp_path / "preds"), "--workers", "0", "--device", "cpu", "--no-probs"])
     scored = json.loads((tmp_path / "preds" / "metrics.json").read_text())["mIoU"]
     assert scored == pytest.approx(logged, abs=1e-6)  # predict.py (which builds from "model") scores what validated
+    tested = train.main(["--test-only", "--resume", str(out / "last.pt"), "--val-json", "train_all.json",
+                         "--device", "cpu", "--workers", "0"])
+    assert tested["mIoU"] == pytest.approx(logged, abs=1e-6)  # and so does --test-only
     # tools/trained_weights.py: the same run's trained weights as a checkpoint of their own, to score EMA against none
     import subprocess
     import sys
