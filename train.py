@@ -50,9 +50,7 @@ def get_args_parser():
                    help="weight of the auxiliary FCN head's loss on the stride-16 features (mmseg: 0.4; 0: no head)")
     p.add_argument("--img-size", type=int, default=512)
     p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--minutes", type=float, metavar="M",
-                   help="a time budget instead of --epochs: the first epoch's time fixes how many epochs fit M "
-                        "minutes of training and validation; the schedule is planned over exactly those")
+    p.add_argument("--minutes", type=float, metavar="M", help="instead of --epochs: the epochs that fit M minutes")
     p.add_argument("--stop-after", type=int, metavar="EPOCH",
                    help="stop after this epoch (schedule still planned for --epochs); --resume continues")
     p.add_argument("-b", "--batch-size", type=int, default=8, help="per process")
@@ -89,12 +87,8 @@ def get_args_parser():
     p.add_argument("--skip-bad", action="store_true", help="skip bad images/annotations with a warning")
     p.add_argument("--exclude", metavar="FILE", help="training file_names to leave out, one per line ('#' comments)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--amp", action="store_true",
-                   help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with native bf16, else fp32 "
-                        "(emulated bf16 is many times slower); the precision that ran is in config.json")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                   help="memory format (default: on CUDA channels_last; on a CPU whichever format a few timed "
-                        "training steps of this network find faster)")
+    p.add_argument("--amp", action="store_true", help="fp16 on CUDA; bf16 on a CPU with native bf16, else fp32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: CUDA yes, CPU measured")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
