@@ -7,6 +7,7 @@ only where the processor runs bf16 natively (avx512_bf16 or AMX on x86, the bf16
     with autocast(device, precision): logits = model(x)
 
 TRASHSEG_CPU_BF16=1 (or 0) overrides the check, for a CPU the check judges wrongly and for the tests.
+The memory format is measured the same way rather than assumed: choose_memory_format.
 """
 import copy
 import os
