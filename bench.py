@@ -121,12 +121,11 @@ def train_stepper(net, device, variant, img_size, batch_size, num_classes):
     return step
 
 
-def infer_stepper(net, device, dtype, channels_last, img_size, batch_size, tta, scales):
+def infer_stepper(net, device, precision, channels_last, img_size, batch_size, tta, scales):
     net = net.to(device)  # eval mode already (an exported program was traced in it and refuses .eval())
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     return lambda: predict_probs(net, x, img_size, tta_flips(tta), scales, precision, channels_last)
 
 
@@ -294,7 +293,8 @@ def profile_train(args, device):
 
 def bench_infer(args, device):
     impls = ["ours"] + ([args.peer] if args.peer else [])
-    dtype, cl = (torch.float16, True) if device.type == "cuda" else (None, True)
+    precision, cl = amp_precision(device, True), True  # what predict.py --amp runs here (channels_last: its default)
+    print(f"\ninference: predict.py --amp's precision here, {precision}, channels_last")
     modes = {"plain": (False, (1.0,)), "flip TTA": (True, (1.0,)), "flips + 3 scales": (True, (0.75, 1.0, 1.25))}
     rows = []
     print("\n| arch | backbone | impl | TTA | infer images/s | cost vs plain |\n|---|---|---|---|---|---|")
@@ -308,12 +308,12 @@ def bench_infer(args, device):
                 else:
                     impls_nets = [(impl, net)]
                 for (impl_name, impl_net), (mode, (tta, scales)) in product(impls_nets, modes.items()):
-                    steppers[(impl_name, mode)] = infer_stepper(impl_net, device, dtype, cl, args.img_size,
+                    steppers[(impl_name, mode)] = infer_stepper(impl_net, device, precision, cl, args.img_size,
                                                                 args.batch_size, tta, scales)
             rates = timed_rates(steppers, args.batch_size, args.steps, args.repeats, device)
             for (impl, mode), rate in rates.items():
                 cost = rates[(impl, "plain")] / rate
-                rows.append({"arch": arch, "backbone": backbone, "impl": impl, "tta": mode,
+                rows.append({"arch": arch, "backbone": backbone, "impl": impl, "tta": mode, "precision": precision,
                              "infer_images_per_s": rate, "cost_vs_plain": cost})
                 print(f"| {arch} | {backbone} | {impl} | {mode} | {rate:.2f} | {cost:.2f}x |", flush=True)
     return rows

@@ -1,5 +1,6 @@
 """Shared helpers: the tests import the flat scripts from the repository root and write their own tiny data."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,11 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under pytest-xdist (-n auto: a worker per core) torch's thread per core in every worker, and in the scripts
+    # the tests start, would make the workers fight over the cores: one thread each keeps them all busy
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CATEGORIES = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}, {"id": 3, "name": "Battery"}]
 
@@ -38,3 +44,9 @@ def demo_dir(tmp_path_factory):
     """A small synthetic demo set made by data.py itself (12 labeled, 4 unlabeled images)."""
     from demo import make_demo
     return make_demo(tmp_path_factory.mktemp("demo"), num_images=12, num_unlabeled=4, seed=1)
+
+
+def pytest_collection_modifyitems(items):
+    """The README test (every documented command, minutes on its own) first: with -n auto the other worker runs the
+    rest meanwhile, instead of waiting for it at the end."""
+    items.sort(key=lambda item: Path(item.fspath).name != "test_readme.py")

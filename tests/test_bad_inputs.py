@@ -21,8 +21,8 @@ def tiny_run(demo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none",
                 "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
-                "--workers", "0", "--epochs", "1", "--output-dir", str(root / "run"), "--mask-cache", "none",
-                "--print-freq", "100"])
+                "--no-channels-last", "--workers", "0", "--epochs", "1", "--output-dir", str(root / "run"),
+                "--mask-cache", "none", "--print-freq", "100"])
     return root / "run" / "last.pt"
 
 
@@ -116,7 +116,8 @@ def test_a_missing_test_photo_gets_a_placeholder_and_eval_scores_the_rest(tiny_r
 def test_training_on_a_truncated_photo_in_a_worker_is_one_line(damaged_root, tmp_path):
     done = stage(REPO / "train.py", "--data-dir", damaged_root, "--train-json", "train_all.json", "--val-json",
                  "none", "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
-                 "--workers", "2", "--epochs", "1", "--output-dir", tmp_path / "r", "--mask-cache", "none")
+                 "--no-channels-last", "--workers", "2", "--epochs", "1", "--output-dir", tmp_path / "r",
+                 "--mask-cache", "none")
     text = done.stdout + done.stderr
     assert done.returncode != 0 and "Traceback" not in text and "Caught DataError" not in text
     image = json.loads((damaged_root / "train_all.json").read_text())["images"][1]

@@ -1,6 +1,7 @@
 """bench.py is not a timed test: these only check that it runs end to end and writes every figure it promises."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ TINY = ["--archs", "unet", "--img-size", "32", "-b", "2", "--steps", "1", "--rep
         "--workers", "0", "--no-memory"]
 
 
-def run_bench(tmp_path, *args):
+def run_bench(tmp_path, *args, env=None):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench.py"), *TINY, *args, "--json", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -51,3 +52,11 @@ def test_bench_times_the_exported_program_beside_eager(tmp_path):
     impls = {(r["impl"], r["tta"]) for r in result["infer"]}
     assert ("ours exported", "plain") in impls and ("ours", "plain") in impls
     assert all(r["infer_images_per_s"] > 0 for r in result["infer"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's rule: on CUDA --amp is fp16 whatever the env says")
+def test_bench_inference_rows_follow_predicts_amp_rule(tmp_path):
+    env = {**os.environ, "TRASHSEG_CPU_BF16": "1"}  # a CPU judged bf16-native: predict.py --amp runs bf16 there
+    result, stdout = run_bench(tmp_path, "--sections", "infer", env=env)
+    assert {r["precision"] for r in result["infer"]} == {"bf16"}
+    assert "predict.py --amp's precision here, bf16" in stdout

@@ -13,7 +13,7 @@ import cv
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
-        "--workers", "0", "--print-freq", "100", "--device", "cpu", "--val-every", "100"]
+        "--no-channels-last", "--workers", "0", "--print-freq", "100", "--device", "cpu", "--val-every", "100"]
 
 
 def cv_command(demo_dir, folds_dir, out, *extra, epochs=1):
@@ -73,7 +73,7 @@ def test_cv_predicts_every_labelled_image_once_and_skips_finished_folds(demo_dir
 @pytest.mark.slow
 def test_cv_stopped_in_fold_1_resumes_there(demo_dir, two_folds, tmp_path):
     out = tmp_path / "a"
-    cmd = cv_command(demo_dir, two_folds, out, epochs=30)
+    cmd = cv_command(demo_dir, two_folds, out, epochs=10)  # fold 1 is stopped in its second epoch
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not (out / "fold1" / "last.pt").exists():  # fold 1 has saved an epoch

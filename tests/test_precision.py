@@ -74,7 +74,7 @@ def test_train_and_predict_follow_the_rule_and_record_it(demo_dir, tmp_path, mon
     trained = record_autocasts(monkeypatch, train)
     validated = record_autocasts(monkeypatch, inference)
     out = tmp_path / "run"
-    train.main(tiny(demo_dir, out, "--amp"))
+    train.main(tiny(demo_dir, out, "--amp", "--no-channels-last"))
     assert set(trained) == {expected} and set(validated) == {expected}
     assert ("no native bf16" in capsys.readouterr().out) == (expected == "fp32")
     assert json.loads((out / "config.json").read_text())["precision"] == expected
@@ -92,7 +92,7 @@ def test_train_and_predict_follow_the_rule_and_record_it(demo_dir, tmp_path, mon
 def test_without_amp_every_machine_runs_fp32(demo_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRASHSEG_CPU_BF16", "1")
     trained = record_autocasts(monkeypatch, train)
-    train.main(tiny(demo_dir, tmp_path / "run"))
+    train.main(tiny(demo_dir, tmp_path / "run", "--no-channels-last"))
     assert set(trained) == {"fp32"}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "fp32"
 

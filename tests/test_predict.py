@@ -31,8 +31,8 @@ def run_dirs(demo_dir, tmp_path_factory):
     for name, seed in (("a", "1"), ("b", "2")):
         train.main(["--data-dir", str(demo_dir), "--train-json", "train_all.json", "--val-json", "none",
                     "--arch", "unet", "--backbone", "resnet18", "--no-pretrained", "--img-size", "48", "-b", "4",
-                    "--workers", "0", "--epochs", "1", "--seed", seed, "--output-dir", str(root / name),
-                    "--mask-cache", str(root / "cache"), "--print-freq", "100"])
+                    "--no-channels-last", "--workers", "0", "--epochs", "1", "--seed", seed,
+                    "--output-dir", str(root / name), "--mask-cache", str(root / "cache"), "--print-freq", "100"])
     return root
 
 

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "docs" / "training.md"]
+# a narrow head and no memory-format timing: what each train.py run costs beyond importing torch (22 s -> 7 s a run)
+TINY_NET = ["--head-channels", "32", "--no-channels-last"]
 SHRINK = {  # script -> overrides appended to each of its commands
-    "train.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100"],
+    "train.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100", *TINY_NET],
     "predict.py": ["--workers", "0"],
     "folds.py": ["--k", "2"],
     "data.py": ["--num-images", "12"],
-    "cv.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100"],
+    "cv.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100", *TINY_NET],
     # a 1-epoch demo model doubts nearly every photo (review.py says so): a list of them all would leave
     # train.py --exclude nothing; its doubt-based score at 0.95 lists few
     "review.py": ["--image-score", "max", "--exclude-above", "0.95"],
@@ -96,6 +99,8 @@ def shrunk(tokens, work):
     if "--minutes" in out:  # a time budget instead of epochs: a few seconds of it
         at = extra.index("--epochs")
         extra = extra[:at] + extra[at + 2:] + ["--minutes", "0.02"]
+    if "mask2former" in out:
+        extra += ["--queries", "8", "--dec-layers", "2"]
     backbone = out[out.index("--backbone") + 1] if "--backbone" in out else DEFAULT_BACKBONE
     if script in ("train.py", "cv.py") and not weights_offline(backbone):
         extra.append("--no-pretrained")  # torchvision's download cannot be reached here
@@ -120,7 +125,7 @@ def make_extras(work):
 def test_every_readme_command_runs_in_order(tmp_path, capsys):
     work = tmp_path
     env_cache = ["--mask-cache", str(tmp_path / "cache")]
-    ran, skipped = [], []
+    ran, skipped, seconds = [], [], []
     for doc in DOCS:
         for tokens in commands(doc):
             why = why_skipped(tokens)
@@ -130,7 +135,9 @@ def test_every_readme_command_runs_in_order(tmp_path, capsys):
             cmd = shrunk(tokens, work)
             if Path(cmd[1]).name in ("train.py", "predict.py", "cv.py"):
                 cmd += env_cache
+            start = time.perf_counter()
             done = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+            seconds.append((time.perf_counter() - start, shlex.join(tokens)[:100]))
             assert done.returncode == 0, (f"{doc.name}: {shlex.join(tokens)}\nran as: {shlex.join(cmd)}\n"
                                           f"{done.stdout[-2500:]}\n{done.stderr[-2500:]}")
             ran.append(shlex.join(tokens))
@@ -140,5 +147,8 @@ def test_every_readme_command_runs_in_order(tmp_path, capsys):
         print(f"\nREADME commands: {len(ran)} ran, {len(skipped)} skipped:")
         for line in skipped:
             print("  skipped " + line)
+        print(f"the slowest of {sum(s for s, _ in seconds):.0f} s:")
+        for took, text in sorted(seconds, reverse=True)[:8]:
+            print(f"  {took:5.1f} s  {text}")
     assert len(ran) >= 30
     assert all(any(w in s for w in ("gpu_check.sh", "torchrun", ".venv", "onnx")) for s in skipped), skipped
