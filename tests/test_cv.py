@@ -56,9 +56,8 @@ def test_cv_predicts_every_labelled_image_once_and_skips_finished_folds(demo_dir
     mean = sum(r["mIoU"] for r in result["folds"]) / 2
     assert result["summary"]["mean"]["mIoU"][0] == pytest.approx(mean)
     # a second run trains nothing and predicts nothing
-    t = time.perf_counter()
-    again = run(cv_command(demo_dir, two_folds, out))
-    assert again.count("skipped") == 4 and "train.py" not in again and time.perf_counter() - t < 30
+    again = run(cv_command(demo_dir, two_folds, out))  # (no time limit: a loaded machine is not a failure)
+    assert again.count("skipped") == 4 and "train.py" not in again
     # another recipe's fold-0 predictions and these cover the same photos: ensemble.py chooses weights on them
     other = tmp_path / "b"
     run(cv_command(demo_dir, two_folds, other, "--folds", "0"))
