@@ -49,4 +49,4 @@ def demo_dir(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     """The README test (every documented command, minutes on its own) first: with -n auto the other worker runs the
     rest meanwhile, instead of waiting for it at the end."""
-    items.sort(key=lambda item: Path(item.fspath).name != "test_readme.py")
+    items.sort(key=lambda item: item.path.name != "test_readme.py")
