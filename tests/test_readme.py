@@ -17,14 +17,16 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", REPO / "docs" / "training.md"]
-# a narrow head and no memory-format timing: what each train.py run costs beyond importing torch (22 s -> 7 s a run)
-TINY_NET = ["--head-channels", "32", "--no-channels-last"]
+# train.py's overrides (also cv.py's, which passes them on); a narrow head and no memory-format timing: what each
+# run costs beyond importing torch (22 s -> 7 s a run)
+TINY_TRAINING = ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100",
+                 "--head-channels", "32", "--no-channels-last"]
 SHRINK = {  # script -> overrides appended to each of its commands
-    "train.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100", *TINY_NET],
+    "train.py": TINY_TRAINING,
     "predict.py": ["--workers", "0"],
     "folds.py": ["--k", "2"],
     "data.py": ["--num-images", "12"],
-    "cv.py": ["--epochs", "1", "--img-size", "64", "-b", "4", "--workers", "0", "--print-freq", "100", *TINY_NET],
+    "cv.py": TINY_TRAINING,
     # a 1-epoch demo model doubts nearly every photo (review.py says so): a list of them all would leave
     # train.py --exclude nothing; its doubt-based score at 0.95 lists few
     "review.py": ["--image-score", "max", "--exclude-above", "0.95"],
