@@ -47,6 +47,6 @@ def demo_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The README test (every documented command, minutes on its own) first: with -n auto the other worker runs the
-    rest meanwhile, instead of waiting for it at the end."""
+    """The README test (every documented command, minutes on its own) first: with -n auto --dist worksteal the other
+    worker runs the rest meanwhile and takes over the first one's queue, instead of waiting for it at the end."""
     items.sort(key=lambda item: item.path.name != "test_readme.py")
