@@ -6,6 +6,7 @@ dependency, pillow only.
     python plots.py runs/a                                          # curves.png and confusion.png of one run
     python plots.py --cv "garbage=runs/ga_15min" "garbage=runs/ga_60min" "camvid=runs/cv_15min" -o time.png
                                   # cv.py results: mean mIoU against training minutes, one line per label
+    python plots.py --cv "garbage vote=runs/ga_vote" ...  # ensemble.py --eval dirs, one per fold (ga_vote/fold0 ...)
 """
 import argparse
 import json
@@ -42,16 +43,42 @@ def cv_points(specs):
         if not sep or not label:
             raise OutputError(f"--cv takes LABEL=DIR (e.g. garbage=runs/ga_15min), not '{spec}'")
         path = Path(folder) / "cv.json"
-        if not path.is_file():
-            raise OutputError(f"{folder}: no cv.json (not a finished cv.py output dir)")
-        mean = json.loads(path.read_text())["summary"]["mean"]
-        by_label.setdefault(label, []).append((mean["train_minutes"][0], 100 * mean["mIoU"][0]))
+        if path.is_file():
+            mean = json.loads(path.read_text())["summary"]["mean"]
+            by_label.setdefault(label, []).append((mean["train_minutes"][0], 100 * mean["mIoU"][0]))
+        elif list(Path(folder).glob("*/metrics.json")):
+            by_label.setdefault(label, []).append(vote_point(Path(folder)))
+        else:
+            raise OutputError(f"{folder}: no cv.json (not a finished cv.py output dir) and no */metrics.json "
+                              f"(not ensemble.py --eval outputs, one per fold)")
     series = []
     for i, (label, points) in enumerate(by_label.items()):
         points.sort()
         series.append((label, DISTINCT_RUN_COLORS[i % len(DISTINCT_RUN_COLORS)], [p[0] for p in points],
                        [p[1] for p in points]))
     return series
+
+
+def vote_point(folder):
+    """(minutes, mIoU %) of votes fold by fold: folder/*/metrics.json written by `ensemble.py --eval` over cv.py's
+    oof/foldN dirs. A vote costs its members' training minutes summed (from their cv.json); means over the folds."""
+    minutes, mious = [], []
+    for metrics_path in sorted(folder.glob("*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text())
+        if not metrics.get("inputs") or "mIoU" not in metrics:
+            raise OutputError(f"{metrics_path}: not an ensemble.py --eval result (no inputs or no mIoU)")
+        total = 0.0
+        for member in map(Path, metrics["inputs"]):
+            cv_json = member.parent.parent / "cv.json"
+            rows = json.loads(cv_json.read_text())["folds"] if cv_json.is_file() else []
+            row = next((r for r in rows if f"fold{r['fold']}" == member.name), None)
+            if row is None or row.get("train_minutes") is None:
+                raise OutputError(f"{metrics_path}: its member {member} is not a cv.py oof/foldN dir whose cv.json "
+                                  f"has the fold's training minutes")
+            total += row["train_minutes"]
+        minutes.append(total)
+        mious.append(100 * metrics["mIoU"])
+    return sum(minutes) / len(minutes), sum(mious) / len(mious)
 
 
 def run_records(run):
@@ -81,7 +108,8 @@ def main(argv=None):
     p.add_argument("runs", nargs="*", help="train.py output dirs")
     p.add_argument("--cv", nargs="+", metavar="LABEL=DIR",
                    help="instead of runs: cv.py output dirs, mean mIoU against mean training minutes; dirs with "
-                        "one label form one line")
+                        "one label form one line; a dir of ensemble.py --eval outputs (one per fold) counts its "
+                        "members' minutes summed")
     p.add_argument("--metric", default="mIoU", help="mIoU, mAcc, aAcc, or a class name for its IoU")
     p.add_argument("-o", "--output", help="PNG to write (default: compare.png; one run without --metric: its "
                                           "curves.png)")

@@ -120,3 +120,22 @@ def test_time_to_quality_draws_one_line_per_label_from_cv_json(tmp_path):
         plots.main(["--cv", str(tmp_path / "ga15")])
     with pytest.raises(SystemExit, match="no cv.json"):
         plots.main(["--cv", f"x={tmp_path}"])
+
+
+def test_time_to_quality_counts_a_votes_members_minutes_summed(tmp_path):
+    members = []
+    for seed, minutes in ((0, (18.0, 19.0)), (1, (17.0, 21.0))):
+        run = tmp_path / f"s{seed}"
+        rows = [{"fold": f, "mIoU": 0.6, "train_minutes": m} for f, m in enumerate(minutes)]
+        (run / "oof").mkdir(parents=True)
+        (run / "cv.json").write_text(json.dumps({"folds": rows}))
+        members.append(run)
+    for fold, miou in ((0, 0.70), (1, 0.74)):
+        (tmp_path / "vote" / f"fold{fold}").mkdir(parents=True)
+        inputs = [str(m / "oof" / f"fold{fold}") for m in members]
+        (tmp_path / "vote" / f"fold{fold}" / "metrics.json").write_text(json.dumps({"mIoU": miou, "inputs": inputs}))
+    series = plots.cv_points([f"vote={tmp_path / 'vote'}"])
+    assert series[0][0] == "vote" and series[0][2] == [37.5] and series[0][3] == pytest.approx([72.0])
+    (members[1] / "cv.json").write_text(json.dumps({"folds": [{"fold": 0, "train_minutes": 17.0}]}))
+    with pytest.raises(SystemExit, match=r"vote.fold1.metrics.json: its member .*s1.oof.fold1"):
+        plots.main(["--cv", f"vote={tmp_path / 'vote'}"])
