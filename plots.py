@@ -46,11 +46,8 @@ def cv_points(specs):
         if path.is_file():
             mean = json.loads(path.read_text())["summary"]["mean"]
             by_label.setdefault(label, []).append((mean["train_minutes"][0], 100 * mean["mIoU"][0]))
-        elif list(Path(folder).glob("*/metrics.json")):
-            by_label.setdefault(label, []).append(vote_point(Path(folder)))
         else:
-            raise OutputError(f"{folder}: no cv.json (not a finished cv.py output dir) and no */metrics.json "
-                              f"(not ensemble.py --eval outputs, one per fold)")
+            by_label.setdefault(label, []).append(vote_point(Path(folder)))
     series = []
     for i, (label, points) in enumerate(by_label.items()):
         points.sort()
@@ -62,8 +59,12 @@ def cv_points(specs):
 def vote_point(folder):
     """(minutes, mIoU %) of votes fold by fold: folder/*/metrics.json written by `ensemble.py --eval` over cv.py's
     oof/foldN dirs. A vote costs its members' training minutes summed (from their cv.json); means over the folds."""
+    metrics_paths = sorted(folder.glob("*/metrics.json"))
+    if not metrics_paths:
+        raise OutputError(f"{folder}: no cv.json (not a finished cv.py output dir) and no */metrics.json "
+                          f"(not ensemble.py --eval outputs, one per fold)")
     minutes, mious = [], []
-    for metrics_path in sorted(folder.glob("*/metrics.json")):
+    for metrics_path in metrics_paths:
         metrics = json.loads(metrics_path.read_text())
         if not metrics.get("inputs") or "mIoU" not in metrics:
             raise OutputError(f"{metrics_path}: not an ensemble.py --eval result (no inputs or no mIoU)")
